@@ -1,0 +1,40 @@
+# ctrlgen: `make demo` and `make test` work on a fresh machine (they create .venv themselves).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch: the CPU wheel when it lies on this disk (fast, small); else whatever pip resolves within pyproject's cap.
+TORCH ?= $(shell ls /opt/wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1 && echo "torch==2.13.0" || echo "torch<=2.14.1")
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-fast test-slow test-slurm clean
+
+$(BIN)/.ready: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+	$(BIN)/pip install -q "$(TORCH)" 2>&1 | grep -v "is ignored" || true
+	$(BIN)/pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import torch, lightning, webdataset, wandb, torchmetrics, diffusers, transformers, peft"
+	touch $@
+
+venv: $(BIN)/.ready
+
+demo: venv
+	HF_HUB_OFFLINE=1 $(BIN)/ctrlgen demo ecm --out demo_runs/ecm
+
+# All tiers that can run on this machine: fast + slow (CPU DDP) + slurm (local cluster; skipped without slurm packages
+# unless CTRLGEN_SLURM=1, which makes the suite bring the cluster up).
+test: venv
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-fast: venv
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -m "not gpu and not slow and not slurm" $(PYTEST_ARGS)
+
+test-slow: venv
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -m slow $(PYTEST_ARGS)
+
+test-slurm: venv
+	HF_HUB_OFFLINE=1 CTRLGEN_SLURM=1 $(BIN)/pytest -m slurm $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) demo_runs runs .pytest_cache

@@ -1,0 +1,10 @@
+"""Callbacks shared by every method (import path ``callbacks.<Name>`` in YAML)."""
+
+from callbacks.data_health import DataHealthCallback
+from callbacks.images import ImageGridLogger, make_grid
+from callbacks.rng import RNGStateCallback
+from callbacks.throughput import ThroughputCallback
+from callbacks.wandb_config import WandbSaveConfig
+
+__all__ = ["DataHealthCallback", "ImageGridLogger", "RNGStateCallback", "ThroughputCallback", "WandbSaveConfig",
+           "make_grid"]

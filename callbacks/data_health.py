@@ -1,0 +1,57 @@
+"""Logs how many corrupt/incomplete samples the data pipeline skipped (``data/skipped``), so skips are never silent.
+
+Each batch carries ``_data_health = (worker id, cumulative skips in that worker)`` (see ``datamodules.base``); the
+callback keeps the maximum per worker and logs the sum, per rank on every logged step and summed over ranks per epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+
+class DataHealthCallback(L.Callback):
+    def __init__(self) -> None:
+        self.per_worker: dict[tuple[str, int], int] = {}
+        self.before_resume = 0  # skips counted before the run was resumed (new workers count from zero)
+
+    @property
+    def skipped(self) -> int:
+        return self.before_resume + sum(self.per_worker.values())
+
+    def _update(self, batch: Any, stage: str) -> bool:
+        if not isinstance(batch, dict) or "_data_health" not in batch:
+            return False
+        worker, count = (int(x) for x in batch.pop("_data_health").tolist())
+        key = (stage, worker)
+        before = self.per_worker.get(key, 0)
+        self.per_worker[key] = max(before, count)
+        return self.per_worker[key] > before
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._update(batch, "train"):
+            rank_zero_warn(f"data: {self.skipped} corrupt or incomplete samples skipped so far (see data/skipped)")
+        pl_module.log("data/skipped", float(self.skipped), on_step=True, on_epoch=False, batch_size=1)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._update(batch, "val")
+
+    def on_test_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._update(batch, "test")
+
+    def on_predict_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._update(batch, "predict")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        total = torch.tensor(float(self.skipped), device=pl_module.device)
+        total = trainer.strategy.reduce(total, reduce_op="sum")
+        pl_module.log("data/skipped_all_ranks", total, on_epoch=True, on_step=False, batch_size=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.per_worker, self.before_resume = {}, int(state_dict.get("skipped", 0))

@@ -1,0 +1,46 @@
+"""Logs training throughput: ``perf/samples_per_sec`` (per rank and × world size) and ``perf/step_time_s``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+
+class ThroughputCallback(L.Callback):
+    def __init__(self, warmup_steps: int = 2) -> None:
+        self.warmup_steps = warmup_steps
+        self._t0: float | None = None
+        self.samples_per_sec: float | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._t0 is None:
+            return
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        dt = time.perf_counter() - self._t0
+        n = _batch_len(batch)
+        if trainer.global_step <= self.warmup_steps or n is None or dt <= 0:
+            return
+        self.samples_per_sec = n / dt
+        pl_module.log_dict({"perf/step_time_s": dt, "perf/samples_per_sec": n / dt,
+                            "perf/samples_per_sec_all_ranks": n * trainer.world_size / dt},
+                           on_step=True, on_epoch=False, batch_size=1)
+
+
+def _batch_len(batch: Any) -> int | None:
+    if isinstance(batch, dict):
+        for k, v in batch.items():
+            if not str(k).startswith("_") and torch.is_tensor(v) and v.ndim > 0:
+                return int(v.shape[0])
+    if isinstance(batch, (list, tuple)) and batch and torch.is_tensor(batch[0]):
+        return int(batch[0].shape[0])
+    return None

@@ -1,0 +1,245 @@
+"""Base datamodules: ``BaseDataModule`` (what every method's data shares) and ``BaseWdsDataModule`` (WebDataset shards).
+
+Training streams are resampled (shards drawn with replacement) and cut into epochs of exactly ``train_batches_per_epoch``
+batches per rank, so every DDP rank steps equally (platform.md §3, the ``with_epoch`` recipe). The stream is a function
+of ``(seed, rank, worker, epoch)`` only, and the datamodule records how many batches of the current epoch were consumed,
+so a run resumed from a checkpoint sees exactly the batches the uninterrupted run would have seen (it re-reads at most
+one epoch). Val/test/predict read every sample once, shards split over ranks then workers (exact splits).
+Corrupt samples are skipped and counted (``datamodules.shards.SKIPS``; logged by ``callbacks.DataHealthCallback``).
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from itertools import islice
+from typing import Any, Callable, Iterator, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from datamodules.shards import SKIPS, check_required_keys, decode_value, resolve_shards
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Dict samples → dict batch: tensors/arrays/numbers stacked, everything else (str, dict) kept as a list."""
+    out: dict[str, Any] = {}
+    for k in samples[0]:
+        vals = [s[k] for s in samples]
+        v0 = vals[0]
+        if isinstance(v0, torch.Tensor):
+            out[k] = torch.stack(vals)
+        elif isinstance(v0, np.ndarray):
+            out[k] = torch.from_numpy(np.stack(vals))
+        elif isinstance(v0, (bool, int, float, np.integer, np.floating)):
+            out[k] = torch.tensor(vals)
+        else:
+            out[k] = vals
+    return out
+
+
+def _seed(*parts: int | str) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class _Stream(IterableDataset):
+    """Decoded, batched samples from shards. ``train=True``: endless resampled stream; else each shard once."""
+
+    def __init__(self, urls: list[str], item_fn: Callable[[dict, random.Random], dict | None], batch_size: int,
+                 train: bool, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
+                 start_epoch: int = 0):
+        self.urls, self.item_fn, self.batch_size, self.train = urls, item_fn, batch_size, train
+        self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
+        self.start_epoch, self._iters = start_epoch, 0
+
+    def _raw(self, rng: random.Random, worker: int, nworkers: int) -> Iterator[dict]:
+        if self.train:
+            def shard_iter():
+                while True:
+                    yield {"url": rng.choice(self.urls)}
+        else:
+            mine = self.urls[self.rank :: self.world_size][worker::nworkers]
+
+            def shard_iter():
+                yield from ({"url": u} for u in mine)
+        yield from wds.tariterators.tarfile_samples(shard_iter(), handler=SKIPS.handler)
+
+    def _shuffled(self, it: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        if not self.shuffle_buffer:
+            yield from it
+            return
+        buf: list[dict] = []
+        for s in it:
+            buf.append(s)
+            if len(buf) >= self.shuffle_buffer:
+                j = rng.randrange(len(buf))
+                buf[j], buf[-1] = buf[-1], buf[j]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, nworkers = _worker()
+        epoch = self.start_epoch + self._iters
+        self._iters += 1
+        rng = random.Random(_seed(self.seed, self.rank, worker, epoch))
+        batch: list[dict] = []
+        for raw in self._shuffled(self._raw(rng, worker, nworkers), rng):
+            try:
+                sample = {k: (v if k.startswith("__") else decode_value(k, v)) for k, v in raw.items()}
+                item = self.item_fn(sample, rng)
+            except Exception as e:  # noqa: BLE001 - corrupt or incomplete sample: skip and count, never crash
+                SKIPS.handler(e)
+                continue
+            if item is None:
+                continue
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield self._finish(batch, worker)
+                batch = []
+        if batch and not self.train:
+            yield self._finish(batch, worker)
+
+    @staticmethod
+    def _finish(batch: list[dict], worker: int) -> dict:
+        out = collate(batch)
+        out["_data_health"] = torch.tensor([worker, SKIPS.total])  # (worker id, cumulative skips in that worker)
+        return out
+
+
+class _EpochLoader:
+    """Main-process view of the training stream: exactly ``n`` batches per epoch, minus batches already consumed."""
+
+    def __init__(self, loader: DataLoader, n: int, skip: int = 0, on_epoch: Callable[[int], None] | None = None):
+        self.loader, self.n, self.skip, self.on_epoch = loader, n, skip, on_epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[dict]:
+        return self._epoch()  # a generator: Lightning's iter() probe (no next()) must not consume the resume skip
+
+    def _epoch(self) -> Iterator[dict]:
+        skip, self.skip = self.skip, 0
+        if self.on_epoch is not None:
+            self.on_epoch(skip)
+        yield from islice(iter(self.loader), skip, self.n)
+
+
+class BaseDataModule(L.LightningDataModule):
+    """What every method's data shares: batch size, workers, resolution and a data seed."""
+
+    def __init__(self, batch_size: int = 8, num_workers: int = 2, resolution: int = 256, seed: int = 0):
+        super().__init__()
+        self.batch_size, self.num_workers, self.resolution, self.seed = batch_size, num_workers, resolution, seed
+
+    @property
+    def rank_and_world(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+
+class BaseWdsDataModule(BaseDataModule):
+    """WebDataset shards → batches of dicts. Subclasses implement ``to_item`` and declare ``required_keys``."""
+
+    required_keys: Sequence[str] = ()
+
+    def __init__(self, train_shards: str | list[str] | None = None, val_shards: str | list[str] | None = None,
+                 test_shards: str | list[str] | None = None, predict_shards: str | list[str] | None = None,
+                 batch_size: int = 8, num_workers: int = 2, resolution: int = 256, seed: int = 0,
+                 train_batches_per_epoch: int = 1000, shuffle_buffer: int = 500, eval_batch_size: int | None = None):
+        super().__init__(batch_size=batch_size, num_workers=num_workers, resolution=resolution, seed=seed)
+        self.shards = {"train": train_shards, "val": val_shards, "test": test_shards, "predict": predict_shards}
+        self.train_batches_per_epoch, self.shuffle_buffer = train_batches_per_epoch, shuffle_buffer
+        self.eval_batch_size = eval_batch_size or batch_size
+        self._urls: dict[str, list[str]] = {}
+        self._consumed = 0  # training batches consumed in the current epoch (saved in checkpoints)
+        self._resume: dict[str, int] | None = None
+
+    # ---------------------------------------------------------------------------------------------- subclass hooks
+    def to_item(self, sample: dict[str, Any], rng: random.Random, stage: str) -> dict[str, Any] | None:
+        """Decoded sample (``decode_value`` per key) → dict of arrays/tensors/scalars; raise to skip a bad sample."""
+        raise NotImplementedError(f"{type(self).__name__} must implement to_item")
+
+    # ---------------------------------------------------------------------------------------------------- set up
+    def _stage_urls(self, stage: str) -> list[str]:
+        if stage not in self._urls:
+            spec = self.shards[stage]
+            if spec is None:
+                raise ValueError(f"data.{stage}_shards is not set but the {stage} loop needs it")
+            urls = resolve_shards(spec, f"data.{stage}_shards")
+            check_required_keys(urls, self.required_keys, f"data.{stage}_shards")
+            self._urls[stage] = urls
+        return self._urls[stage]
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}.get(stage or "fit")
+        for s in wanted:
+            if s == "train" or self.shards[s] is not None:
+                self._stage_urls(s)  # fail before the first step: missing shards, missing keys
+
+    # ------------------------------------------------------------------------------------------------- loaders
+    def _loader(self, stage: str, batch_size: int, train: bool, workers: int, start_epoch: int = 0) -> DataLoader:
+        rank, world = self.rank_and_world
+        urls = self._stage_urls(stage)
+        if not train:
+            if world > 1 and len(urls) % world:
+                raise ValueError(f"data.{stage}_shards: {len(urls)} shards cannot be split equally over {world} ranks; "
+                                 "write a multiple of world_size equal-sized shards (uneven eval splits hang DDP)")
+            workers = min(workers, max(1, len(urls) // world))
+        ds = _Stream(urls, lambda s, rng: self.to_item(s, rng, stage), batch_size, train, seed=self.seed, rank=rank,
+                     world_size=world, shuffle_buffer=self.shuffle_buffer if train else 0, start_epoch=start_epoch)
+        # own generator: creating loader iterators must not draw from the global RNG (resume reproducibility)
+        gen = torch.Generator().manual_seed(_seed(self.seed, rank, stage))
+        return DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                          pin_memory=torch.cuda.is_available(), generator=gen)
+
+    def train_dataloader(self) -> _EpochLoader:
+        epoch, skip = 0, 0
+        if self._resume:
+            epoch, skip = self._resume["epoch"], self._resume["consumed"]
+            if skip >= self.train_batches_per_epoch:
+                epoch, skip = epoch + 1, 0
+            self._resume = None
+        loader = self._loader("train", self.batch_size, True, self.num_workers, start_epoch=epoch)
+        return _EpochLoader(loader, self.train_batches_per_epoch, skip, on_epoch=self._start_epoch)
+
+    def _start_epoch(self, consumed: int) -> None:
+        self._consumed = consumed
+
+    def _eval_loader(self, stage: str) -> DataLoader | list:
+        if self.shards[stage] is None:
+            return []
+        return self._loader(stage, self.eval_batch_size, False, self.num_workers)
+
+    def val_dataloader(self):
+        return self._eval_loader("val")
+
+    def test_dataloader(self):
+        return self._eval_loader("test")
+
+    def predict_dataloader(self):
+        return self._eval_loader("predict")
+
+    # ------------------------------------------------------------------------------------- exact resume of the stream
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        t = self.trainer
+        if t is not None and t.training:
+            self._consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        t = self.trainer
+        epoch = t.current_epoch if t is not None else 0
+        return {"epoch": epoch, "consumed": self._consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state)

@@ -1,0 +1,91 @@
+"""ECM data: images + class labels + condition maps (canny/depth/normal), optionally pre-tokenised VQ codes.
+
+Shard keys (ecm.md §5): ``jpg`` (or ``png``), ``cls``, ``canny.png``/``depth.png``/``normal.png`` (lossless, computed on
+exactly the stored crop), optional ``vq.npy`` (680 uint16 codes in VAR order) and ``json``. Image and condition share one
+resize + crop (random for training, centre for evaluation); both are returned in [-1, 1], conditions as 3 channels
+(canny/depth replicated, normal as RGB). With ``canny_on_the_fly`` the canny map is extracted in the workers by the
+shared edge extractor (the same object the F1 metric uses), so shards need no ``canny.png``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import cv2
+import numpy as np
+
+from datamodules.base import BaseWdsDataModule
+
+CONDITION_TYPES = ("canny", "depth", "normal")
+
+
+def resize_crop(arrays: list[np.ndarray], size: int, rng: random.Random | None) -> list[np.ndarray]:
+    """Resize the shorter side to ``size`` (area for images, nearest for 1-channel maps) and crop all alike."""
+    h, w = arrays[0].shape[:2]
+    for a in arrays[1:]:
+        if a.shape[:2] != (h, w):
+            raise ValueError(f"condition map of shape {a.shape[:2]} does not match its image {(h, w)}")
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    out = []
+    for a in arrays:
+        if (nh, nw) != (h, w):
+            interp = cv2.INTER_NEAREST if a.ndim == 2 else (cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+            a = cv2.resize(a, (nw, nh), interpolation=interp)
+        out.append(a)
+    top = rng.randint(0, nh - size) if rng else (nh - size) // 2
+    left = rng.randint(0, nw - size) if rng else (nw - size) // 2
+    return [a[top : top + size, left : left + size] for a in out]
+
+
+def to_signed(a: np.ndarray) -> np.ndarray:
+    """uint8 HW or HWC → float32 CHW in [-1, 1], 1-channel maps replicated to 3."""
+    x = a.astype(np.float32) / 127.5 - 1.0
+    if x.ndim == 2:
+        x = np.repeat(x[None], 3, 0)
+    else:
+        x = x.transpose(2, 0, 1)
+    return np.ascontiguousarray(x)
+
+
+class ECMDataModule(BaseWdsDataModule):
+    def __init__(self, condition_types: list[str] | None = None, image_key: str = "jpg", canny_on_the_fly: bool = False,
+                 edge_extractor: str = "cv2_canny_100_200", pretokenized: bool = False, random_crop: bool = True,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.condition_types = list(condition_types or ["canny"])
+        bad = [t for t in self.condition_types if t not in CONDITION_TYPES]
+        if bad:
+            raise ValueError(f"data.condition_types: unknown {bad}; expected a subset of {list(CONDITION_TYPES)}")
+        self.image_key, self.canny_on_the_fly, self.edge_extractor = image_key, canny_on_the_fly, edge_extractor
+        self.pretokenized, self.random_crop = pretokenized, random_crop
+        keys = [image_key, "cls"] + [f"{t}.png" for t in self.condition_types if not (t == "canny" and canny_on_the_fly)]
+        self.required_keys = keys + (["vq.npy"] if pretokenized else [])
+
+    def to_item(self, sample: dict[str, Any], rng: random.Random, stage: str) -> dict[str, Any]:
+        for k in self.required_keys:
+            if k not in sample:
+                raise KeyError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} lacks key {k!r}")
+        ctype = rng.randrange(len(self.condition_types)) if stage == "train" else 0
+        name = self.condition_types[ctype]
+        image = sample[self.image_key]
+        if name == "canny" and self.canny_on_the_fly:
+            cond = None
+        else:
+            cond = sample[f"{name}.png"]
+        crop_rng = rng if (stage == "train" and self.random_crop and not self.pretokenized) else None
+        arrays = resize_crop([image] + ([cond] if cond is not None else []), self.resolution, crop_rng)
+        image = arrays[0]
+        if cond is None:
+            from lightning_modules.metrics.edges import get_edge_extractor
+
+            cond = np.asarray(get_edge_extractor(self.edge_extractor)(image)).reshape(image.shape[:2])
+            cond = (cond > 0).astype(np.uint8) * 255
+        else:
+            cond = arrays[1]
+        item = {"image": to_signed(image), "cond": to_signed(cond), "label": int(sample["cls"]), "cond_type": ctype,
+                "key": sample["__key__"]}
+        if self.pretokenized:
+            item["codes"] = sample["vq.npy"].astype(np.int64).reshape(-1)
+        return item

@@ -1,0 +1,24 @@
+"""Deterministic synthetic worlds that write real WebDataset shards (for demos and tests); one module per world."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORLDS = ("shapes",)
+
+
+def synth(world: str, out_dir: str | Path, n_train: int = 512, n_val: int = 64, n_test: int = 64, size: int = 64,
+          seed: int = 0, shard_size: int = 128) -> dict[str, list[str]]:
+    """Write ``{out_dir}/{split}-%06d.tar`` shards of a world; returns the shard paths per split."""
+    from datamodules.shards import write_shards
+
+    if world != "shapes":
+        raise ValueError(f"unknown synthetic world {world!r}; available: {WORLDS}")
+    from datamodules.synth import shapes
+
+    out = {}
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        if n > 0:
+            out[split] = write_shards(shapes.samples(seed, split, n, size), str(Path(out_dir) / f"{split}-%06d.tar"),
+                                      maxcount=shard_size)
+    return out

@@ -1,0 +1,114 @@
+"""``ctrlgen``: one LightningCLI for every method, plus tool subcommands.
+
+    ctrlgen fit|validate|test|predict -c configs/<method>/<recipe>.yaml [--trainer.max_steps=...]
+    ctrlgen data synth|pack|inspect|refstats ...
+    ctrlgen demo <method>
+
+Subclass mode over ``BaseGenModule``/``BaseDataModule`` (full ``class_path`` in YAML), ``parser_mode="omegaconf"``,
+injected optimizer/scheduler callables, ``configs/base.yaml`` applied first (trainer, logger, callbacks), the resolved
+config saved overwrite-safe and sent to W&B. W&B runs offline automatically when no API key is configured.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+import lightning_modules  # noqa: F401 - imports every method so checkpoints can rebuild their subclass
+from callbacks.wandb_config import WandbSaveConfig
+from datamodules.base import BaseDataModule
+from lightning_modules.common.base import BaseGenModule
+
+REPO = Path(__file__).resolve().parents[1]
+BASE_CONFIG = REPO / "configs" / "base.yaml"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+_wandb_said = False
+
+
+def wandb_has_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def configure_wandb_mode() -> str:
+    """Offline when no API key is configured (said once); an explicit ``WANDB_MODE`` always wins."""
+    global _wandb_said
+    if "WANDB_MODE" not in os.environ and not wandb_has_key():
+        os.environ["WANDB_MODE"] = "offline"
+        if not _wandb_said:
+            print("ctrlgen: no W&B API key configured -> W&B runs offline; upload later with "
+                  "`wandb sync <save_dir>/wandb/offline-run-*`", file=sys.stderr)
+            _wandb_said = True
+    return os.environ.get("WANDB_MODE", "online")
+
+
+class CtrlgenCLI(LightningCLI):
+    """LightningCLI with ctrlgen's defaults (see module docstring)."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        parser_kwargs = {"parser_mode": "omegaconf"}
+        if BASE_CONFIG.exists():
+            parser_kwargs = {"parser_mode": "omegaconf", **{s: {"default_config_files": [str(BASE_CONFIG)]}
+                                                             for s in SUBCOMMANDS}}
+            if not run:  # run=False has no subcommand: the single parser takes the defaults directly
+                parser_kwargs = {"parser_mode": "omegaconf", "default_config_files": [str(BASE_CONFIG)]}
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("save_config_callback", WandbSaveConfig)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", parser_kwargs)
+        super().__init__(BaseGenModule, BaseDataModule, args=args, run=run, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        configure_wandb_mode()
+        cfg = self.config.get(self.subcommand) if self.subcommand else self.config
+        trainer = cfg.trainer
+        root = trainer.default_root_dir or "runs/default"
+        loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+        for lg in loggers:  # loggers without a save_dir write into the run dir
+            init = getattr(lg, "init_args", None)
+            if init is not None and "save_dir" in init and init.save_dir in (None, ".", ""):
+                init.save_dir = root
+        for cb in trainer.callbacks or []:  # checkpoints in <run dir>/checkpoints, so `--ckpt_path last` finds them
+            if str(getattr(cb, "class_path", "")).endswith("ModelCheckpoint") and cb.init_args.get("dirpath") is None:
+                cb.init_args.dirpath = str(Path(root) / "checkpoints")
+
+
+TOOLS_HELP = """
+tool subcommands:
+  ctrlgen data synth --world shapes --out DIR [--n-train N --n-val N --n-test N --size PX --seed S]
+  ctrlgen data pack --src IMAGE_DIR --out 'DIR/train-%06d.tar' [--labels labels.json --maxcount N --maxsize BYTES]
+  ctrlgen data inspect 'DIR/train-{000000..000009}.tar'
+  ctrlgen data refstats --source SHARDS_OR_DIR --out stats.npz --inception /path/to/weights.pth
+  ctrlgen demo ecm [--out DIR]
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    given = argv is not None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("data", "demo"):
+        from lightning_modules import tools
+
+        tools.main(argv)
+        return None
+    if not argv or argv[0] in ("-h", "--help"):
+        print(TOOLS_HELP.strip("\n"), file=sys.stderr)
+        if not argv:
+            argv, given = ["--help"], True
+    CtrlgenCLI(args=argv if given else None)
+    return None
+
+
+if __name__ == "__main__":
+    main()

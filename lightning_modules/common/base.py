@@ -1,0 +1,156 @@
+"""``BaseGenModule``: what every ctrlgen LightningModule shares.
+
+- Optimizer and scheduler are injected callables (``OptimizerCallable``/``LRSchedulerCallable``, platform.md §1); only
+  ``requires_grad`` parameters reach them, grouped by ``param_groups()`` (subclasses exclude norms/gates from decay).
+- One ``model_step(batch, stage)`` per module returning ``{"loss": ..., <scalars to log>}``; train/val/test steps log it.
+- Per-rank sampling generator ``self.gen`` seeded with ``seed * world_size + global_rank`` (the DiT rule): right for noise,
+  timesteps and rollouts, which must differ across ranks; Lightning's global seed keeps init identical across ranks.
+  Its state travels in checkpoints, so a resumed run continues the same random stream.
+- Frozen bases (``frozen_prefixes``) stay out of checkpoints: they are reloaded from their own files by the config.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+
+
+def count_params(params: Iterable[torch.nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
+
+
+def decay_groups(named: Iterable[tuple[str, torch.nn.Parameter]], no_decay_keywords: tuple[str, ...] = ()) -> list[dict]:
+    """Two AdamW groups: weight decay for ≥2-D weights, none for 1-D params (biases, norms) and named exceptions."""
+    decay, no_decay = [], []
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or any(k in name for k in no_decay_keywords) else decay).append(p)
+    groups = [{"params": decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class BaseGenModule(L.LightningModule):
+    """Base of every method's module. Subclasses implement ``model_step`` and may override ``param_groups``."""
+
+    frozen_prefixes: tuple[str, ...] = ()
+
+    def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW, scheduler: LRSchedulerCallable | None = None,
+                 scheduler_interval: str = "step"):
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.gen: torch.Generator | None = None
+        self._gen_state: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------------------------------------------- optimizers
+    def param_groups(self) -> list[dict] | list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def build_optimizer(self, factory: OptimizerCallable, params: Any, scheduler: LRSchedulerCallable | None) -> dict:
+        groups = list(params)
+        if not groups or (isinstance(groups[0], dict) and not any(g["params"] for g in groups)):
+            raise ValueError(f"{type(self).__name__}: no trainable parameters reach the optimizer")
+        opt = factory(groups)
+        out: dict[str, Any] = {"optimizer": opt}
+        if scheduler is not None:
+            out["lr_scheduler"] = {"scheduler": scheduler(opt), "interval": self.scheduler_interval}
+        return out
+
+    def configure_optimizers(self) -> Any:
+        return self.build_optimizer(self.optimizer_factory, self.param_groups(), self.scheduler_factory)
+
+    # ---------------------------------------------------------------------------------------------------- seeding
+    def ensure_generator(self) -> torch.Generator:
+        """The per-rank generator on this module's device (created after device placement; restored on resume)."""
+        if self.gen is None or self.gen.device.type != self.device.type:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))
+            rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+            self.gen = torch.Generator(device=self.device).manual_seed(seed * world + rank)
+            if self._gen_state is not None:
+                self.gen.set_state(self._gen_state)
+        return self.gen
+
+    def on_train_start(self) -> None:
+        # re-apply the checkpoint's generator state after the sanity check, which may have drawn from it
+        if self._gen_state is not None:
+            self.ensure_generator().set_state(self._gen_state)
+            self._gen_state = None
+
+    def on_fit_start(self) -> None:
+        self.ensure_generator()
+        trainable = count_params(p for p in self.parameters() if p.requires_grad)
+        total = count_params(self.parameters())
+        rank_zero_info(f"{type(self).__name__}: {trainable:,} trainable / {total:,} parameters "
+                       f"({total - trainable:,} frozen)")
+
+    def on_validation_start(self) -> None:
+        self.ensure_generator()
+
+    def on_test_start(self) -> None:
+        self.ensure_generator()
+
+    def on_predict_start(self) -> None:
+        self.ensure_generator()
+
+    # ------------------------------------------------------------------------------------------------------- steps
+    def model_step(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} must implement model_step(batch, stage)")
+
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        out = self.model_step(batch, stage)
+        bs = _batch_size(batch)
+        for k, v in out.items():
+            v = v.detach().float() if torch.is_tensor(v) else float(v)
+            self.log(f"{stage}/{k}", v, prog_bar=k == "loss", on_step=stage == "train", on_epoch=stage != "train",
+                     batch_size=bs, sync_dist=stage != "train")
+        return out["loss"]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test")
+
+    # ------------------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.frozen_prefixes:
+            sd = checkpoint["state_dict"]
+            for k in [k for k in sd if k.startswith(self.frozen_prefixes)]:
+                del sd[k]
+        if self.gen is not None:
+            checkpoint["ctrlgen_generator_state"] = self.gen.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.frozen_prefixes:  # the frozen base was loaded from its own files: keep it
+            sd = checkpoint["state_dict"]
+            for k, v in self.state_dict().items():
+                if k.startswith(self.frozen_prefixes) and k not in sd:
+                    sd[k] = v
+        self._gen_state = checkpoint.get("ctrlgen_generator_state")
+        self.gen = None  # rebuilt from the saved state by ensure_generator() once the module sits on its device
+
+    # ----------------------------------------------------------------------------------------------------- samples
+    @torch.no_grad()
+    def sample_images(self, batch: dict[str, Any], n: int) -> dict[str, torch.Tensor]:
+        """Images to show for ``batch``: ``{name: (N,3,H,W) float in [0,1]}`` — logged as grids by ``ImageGridLogger``."""
+        return {}
+
+
+def _batch_size(batch: Any) -> int | None:
+    if isinstance(batch, dict):
+        for k, v in batch.items():
+            if not k.startswith("_") and torch.is_tensor(v) and v.ndim > 0:
+                return int(v.shape[0])
+    return None

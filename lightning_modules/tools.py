@@ -1,0 +1,92 @@
+"""Tool subcommands of ``ctrlgen``: ``data synth|pack|inspect|refstats|tokenize`` and ``demo <method>``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _data_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ctrlgen data", description="make, pack and inspect WebDataset shards")
+    sub = p.add_subparsers(dest="tool", required=True)
+    s = sub.add_parser("synth", help="write a deterministic synthetic world as shards")
+    s.add_argument("--world", default="shapes")
+    s.add_argument("--out", required=True)
+    s.add_argument("--n-train", type=int, default=512)
+    s.add_argument("--n-val", type=int, default=64)
+    s.add_argument("--n-test", type=int, default=64)
+    s.add_argument("--size", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shard-size", type=int, default=128)
+    k = sub.add_parser("pack", help="pack an image folder into shards")
+    k.add_argument("--src", required=True)
+    k.add_argument("--out", required=True, help="shard pattern, e.g. out/train-%%06d.tar")
+    k.add_argument("--labels", default=None, help="JSON {relative path or stem: int label | caption | dict}")
+    k.add_argument("--maxcount", type=int, default=10000)
+    k.add_argument("--maxsize", type=float, default=1e9)
+    i = sub.add_parser("inspect", help="count samples and keys per shard")
+    i.add_argument("shards")
+    r = sub.add_parser("refstats", help="Inception statistics (.npz) of a dataset for FID")
+    r.add_argument("--source", required=True, help="shard pattern or image folder")
+    r.add_argument("--out", required=True)
+    r.add_argument("--inception", default=None, help="local Inception weights file (else $FID_INCEPTION_WEIGHTS)")
+    r.add_argument("--batch-size", type=int, default=50)
+    r.add_argument("--image-key", default="jpg")
+    t = sub.add_parser("tokenize", help="ECM: add per-scale VQ codes (vq.npy) to image shards")
+    t.add_argument("--shards", required=True)
+    t.add_argument("--out", required=True, help="output shard pattern, e.g. out/train-%%06d.tar")
+    t.add_argument("--config", required=True, help="a VQVAEModule/ECM config naming the VQVAE")
+    t.add_argument("--ckpt", default=None, help="VQVAEModule checkpoint (else the config's vae weights)")
+    t.add_argument("--batch-size", type=int, default=64)
+    return p
+
+
+def data_main(argv: list[str]) -> None:
+    args = _data_parser().parse_args(argv)
+    if args.tool == "synth":
+        from datamodules.synth import synth
+
+        out = synth(args.world, args.out, args.n_train, args.n_val, args.n_test, args.size, args.seed, args.shard_size)
+        for split, paths in out.items():
+            print(f"{split}: {len(paths)} shards in {args.out}")
+    elif args.tool == "pack":
+        from datamodules.shards import pack_folder
+
+        rep = pack_folder(args.src, args.out, args.labels, args.maxcount, args.maxsize)
+        print(f"packed {rep['written']} images into {len(rep['shards'])} shards; skipped {rep['skipped']} unreadable")
+        for rel, why in rep["skipped_files"]:
+            print(f"  skipped {rel}: {why}")
+    elif args.tool == "inspect":
+        from datamodules.shards import inspect_shards
+
+        print(json.dumps(inspect_shards(args.shards), indent=1))
+    elif args.tool == "refstats":
+        from lightning_modules.metrics.refstats import refstats_cli
+
+        refstats_cli(args.source, args.out, args.inception, args.batch_size, args.image_key)
+    elif args.tool == "tokenize":
+        from lightning_modules.ecm.tokenize import tokenize_cli
+
+        tokenize_cli(args.shards, args.out, args.config, args.ckpt, args.batch_size)
+
+
+def demo_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="ctrlgen demo", description="end-to-end CPU demos on synthetic worlds")
+    p.add_argument("method", choices=["ecm"])
+    p.add_argument("--out", default="demo_runs/ecm")
+    p.add_argument("--fast", action="store_true", help="a smaller, quicker run (for tests)")
+    args = p.parse_args(argv)
+    from lightning_modules.ecm.demo import run_demo
+
+    run_demo(Path(args.out), fast=args.fast)
+
+
+def main(argv: list[str]) -> None:
+    if argv[0] == "data":
+        data_main(argv[1:])
+    elif argv[0] == "demo":
+        demo_main(argv[1:])
+    else:  # pragma: no cover - cli.main dispatches only these
+        sys.exit(f"unknown tool {argv[0]!r}")

@@ -1,0 +1,53 @@
+"""Shared fixtures: offline environment for every test, tiny shapes shards, process-group cleanup."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True)
+def _offline_env(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch_home"))
+    if os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
+        monkeypatch.setenv("WANDB_MODE", "disabled")
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def shapes_shards(tmp_path_factory) -> dict[str, str]:
+    """8 train, 2 val and 2 test shards of 8 samples each at 32 px (brace patterns)."""
+    from datamodules.synth import synth
+
+    out = tmp_path_factory.mktemp("shapes")
+    synth("shapes", out, n_train=64, n_val=16, n_test=16, size=32, shard_size=8)  # val/test: 2 equal shards each
+    return {
+        "dir": str(out),
+        "train": str(out / "train-{000000..000007}.tar"),
+        "val": str(out / "val-{000000..000001}.tar"),
+        "test": str(out / "test-{000000..000001}.tar"),
+    }
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("WANDB_MODE", "disabled")
+    return env
+
+
+def ctrlgen_cmd() -> list[str]:
+    return [sys.executable, "-m", "lightning_modules.cli"]

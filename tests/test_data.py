@@ -1,0 +1,164 @@
+"""WebDataset datamodule: decoding, exact eval splits, the packing tool, and fault handling (skips are counted)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.ecm import ECMDataModule
+from datamodules.shards import SKIPS, decode_value, encode_png, expand_urls, pack_folder, resolve_shards, write_shards
+from datamodules.synth import shapes
+
+
+def _dm(**kw) -> ECMDataModule:
+    base = dict(batch_size=4, num_workers=0, resolution=32, train_batches_per_epoch=3)
+    base.update(kw)
+    dm = ECMDataModule(**base)
+    return dm
+
+
+def test_png_condition_keeps_one_channel():
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    assert decode_value("canny.png", encode_png(gray)).shape == (8, 8)
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    assert decode_value("normal.png", encode_png(rgb)).shape == (8, 8, 3)
+    assert decode_value("x.json", b'{"a": 1}') == {"a": 1}
+    assert decode_value("x.cls", b"3") == 3
+
+
+def test_train_batches_and_shapes(shapes_shards):
+    dm = _dm(train_shards=shapes_shards["train"], condition_types=["canny", "depth"])
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 3
+    b = batches[0]
+    assert b["image"].shape == (4, 3, 32, 32) and b["cond"].shape == (4, 3, 32, 32)
+    assert b["image"].min() >= -1 and b["image"].max() <= 1
+    assert b["label"].dtype == torch.int64 and set(b["cond_type"].tolist()) <= {0, 1}
+
+
+def test_stream_is_deterministic_per_epoch(shapes_shards):
+    a = [b["key"] for b in _dm(train_shards=shapes_shards["train"]).train_dataloader()]
+    dm = _dm(train_shards=shapes_shards["train"])
+    loader = dm.train_dataloader()
+    assert [b["key"] for b in loader] == a
+    assert [b["key"] for b in loader] != a  # the next epoch draws a new order
+
+
+def test_eval_split_is_exact(shapes_shards):
+    dm = _dm(val_shards=shapes_shards["val"], eval_batch_size=5)
+    dm.setup("validate")
+    keys = [k for b in dm.val_dataloader() for k in b["key"]]
+    assert len(keys) == 16 and len(set(keys)) == 16
+
+
+def test_no_matching_shards_fails_naming_pattern(tmp_path):
+    dm = _dm(train_shards=str(tmp_path / "nothing-{000000..000003}.tar"))
+    with pytest.raises(FileNotFoundError, match=r"nothing-\{000000\.\.000003\}\.tar"):
+        dm.setup("fit")
+
+
+def test_key_missing_everywhere_fails_naming_key(tmp_path):
+    samples = [{"__key__": f"s{i}", "jpg": _jpg(), "cls": 0} for i in range(4)]
+    write_shards(samples, str(tmp_path / "nocanny-%06d.tar"))
+    dm = _dm(train_shards=str(tmp_path / "nocanny-000000.tar"))
+    with pytest.raises(KeyError, match=r"canny\.png.*nocanny-000000\.tar"):
+        dm.setup("fit")
+
+
+def test_pipe_urls_and_lists(shapes_shards):
+    first = resolve_shards(shapes_shards["train"], "t")[0]
+    assert expand_urls(f"pipe:cat {first}") == [f"pipe:cat {first}"]
+    dm = _dm(val_shards=[f"pipe:cat {first}"])
+    dm.setup("validate")
+    assert sum(len(b["key"]) for b in dm.val_dataloader()) == 8
+
+
+def _jpg(seed: int = 0) -> bytes:
+    from datamodules.shards import encode_jpg
+
+    return encode_jpg(shapes.render(seed, "train", 0, 32)["image"])
+
+
+def _faulty_shards(tmp_path: Path) -> str:
+    """Shard 0: one undecodable image, one sample without its condition; shard 1: truncated mid-file."""
+    good = list(shapes.samples(0, "train", 12, 32))
+    good[2]["jpg"] = b"this is not an image"
+    del good[5]["canny.png"]
+    write_shards(good[:8], str(tmp_path / "f0-%06d.tar"), maxcount=100)
+    write_shards(good[8:], str(tmp_path / "f1-%06d.tar"), maxcount=100)
+    p = tmp_path / "f1-000000.tar"
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2 + 100])  # truncated tar
+    with pytest.raises(tarfile.ReadError):
+        with tarfile.open(p) as tf:
+            tf.getmembers()
+    return f"{tmp_path}/f0-000000.tar::{tmp_path}/f1-000000.tar"
+
+
+def test_faults_are_skipped_and_counted_in_training(tmp_path):
+    """A truncated tar, an undecodable image and a sample missing a key: training continues, skips are logged."""
+    from lightning_modules.cli import CtrlgenCLI
+
+    shards = _faulty_shards(tmp_path)
+    before = SKIPS.total
+    cli = CtrlgenCLI(args=["fit", "-c", "tests/configs/tiny.yaml", f"--data.init_args.train_shards={shards}",
+                           "--trainer.max_steps=10", "--data.init_args.train_batches_per_epoch=10",
+                           "--trainer.val_check_interval=null", "--trainer.limit_val_batches=0",
+                           f"--trainer.default_root_dir={tmp_path / 'run'}"])
+    assert cli.trainer.global_step == 10
+    reasons = dict(SKIPS.counts)
+    assert SKIPS.total - before >= 3, reasons
+    assert {"UnidentifiedImageError", "KeyError"} <= set(reasons), reasons
+    assert any("Tar" in r or "EOF" in r or "Read" in r for r in reasons), reasons
+    assert cli.trainer.logged_metrics["data/skipped"] >= 3
+
+
+def test_pack_folder_lists_and_skips_unreadable(tmp_path):
+    src = tmp_path / "imgs"
+    (src / "sub").mkdir(parents=True)
+    for i in range(5):
+        Image.fromarray(shapes.render(0, "train", i, 32)["image"]).save(src / ("sub" if i % 2 else ".") / f"im{i}.png")
+    (src / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    (tmp_path / "labels.json").write_text(json.dumps({"im0.png": 3, "sub/im1.png": "a caption"}))
+    rep = pack_folder(src, str(tmp_path / "out" / "p-%06d.tar"), labels=tmp_path / "labels.json", maxcount=2,
+                      progress=False)
+    assert rep["written"] == 5 and rep["skipped"] == 1 and rep["skipped_files"][0][0] == "broken.jpg"
+    assert len(rep["shards"]) == 3
+    again = pack_folder(src, str(tmp_path / "out2" / "p-%06d.tar"), labels=tmp_path / "labels.json", maxcount=2,
+                        progress=False)
+    assert [Path(p).read_bytes() for p in rep["shards"]] != [] and [Path(p).name for p in again["shards"]] == [
+        Path(p).name for p in rep["shards"]]
+    names = []
+    for p in rep["shards"]:
+        with tarfile.open(p) as tf:
+            names += tf.getnames()
+    assert "im0.cls" in names and "sub__im1.txt" in names
+
+
+def test_pack_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pack_folder(tmp_path / "missing", str(tmp_path / "o-%06d.tar"), progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        pack_folder(tmp_path / "empty", str(tmp_path / "o-%06d.tar"), progress=False)
+
+
+def test_shapes_world_is_deterministic_and_consistent():
+    a, b = shapes.render(3, "train", 7, 32), shapes.render(3, "train", 7, 32)
+    assert np.array_equal(a["image"], b["image"]) and a["label"] == b["label"]
+    assert not np.array_equal(a["image"], shapes.render(3, "train", 8, 32)["image"])
+    n = a["normal"]
+    assert np.allclose(np.linalg.norm(n, axis=-1), 1, atol=1e-6)
+    # the shape is nearer (brighter inverse depth) than the background plane
+    assert a["inv_depth"][a["mask"]].mean() > a["inv_depth"][~a["mask"]].mean()
+    s = next(shapes.samples(3, "train", 1, 32))
+    edges = np.asarray(Image.open(io.BytesIO(s["canny.png"])))
+    assert edges.ndim == 2 and set(np.unique(edges)) <= {0, 255} and edges.max() == 255
