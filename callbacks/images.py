@@ -53,9 +53,10 @@ class ImageGridLogger(L.Callback):
         pl_module.eval()
         grids = pl_module.sample_images(batch, self.num_images)
         pl_module.train(was_training)
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if trainer.global_rank != 0 or not grids:
             return
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        out_dir = Path(log_dir or trainer.default_root_dir) / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)
         self.last_paths = []
         for name, imgs in grids.items():

@@ -65,6 +65,11 @@ def resolve_shards(spec: str | Sequence[str] | None, what: str) -> list[str]:
     return urls
 
 
+def iter_samples(url: str, handler=wds.reraise_exception):
+    """Raw samples (bytes per key) of one shard, in order; no node/worker splitting (any rank may call it)."""
+    yield from wds.tariterators.tarfile_samples([{"url": url}], handler=handler)
+
+
 def check_required_keys(urls: list[str], required: Iterable[str], what: str, max_samples: int = 64) -> None:
     """Open the first local shard; a required key that no sample carries is a config error (names file and key)."""
     required = list(required)
@@ -75,7 +80,7 @@ def check_required_keys(urls: list[str], required: Iterable[str], what: str, max
     seen: Counter[str] = Counter()
     n = 0
     try:
-        for sample in wds.WebDataset(path, shardshuffle=False, handler=wds.ignore_and_continue, empty_check=False):
+        for sample in iter_samples(path, handler=wds.ignore_and_continue):
             n += 1
             seen.update(k for k in sample if not k.startswith("__"))
             if n >= max_samples:
@@ -236,7 +241,7 @@ def inspect_shards(spec: str, limit: int = 3) -> dict[str, Any]:
         keys: Counter[str] = Counter()
         n, err = 0, None
         try:
-            for s in wds.WebDataset(url, shardshuffle=False, empty_check=False):
+            for s in iter_samples(url):
                 n += 1
                 keys.update(k for k in s if not k.startswith("__"))
         except Exception as e:  # noqa: BLE001 - report, never crash an inspection

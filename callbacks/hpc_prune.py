@@ -1,0 +1,150 @@
+"""Keep only the newest complete ``hpc_ckpt_N.ckpt`` in ``trainer.default_root_dir`` (platform.md §2).
+
+Every SIGUSR1 (a Slurm time limit with ``--signal=SIGUSR1@90``) makes Lightning write ``hpc_ckpt_{N+1}.ckpt`` next to
+the previous ones, and a requeued job resumes from the highest ``N`` without looking at it. So a long run piles up
+full-size checkpoints (GBs each), and a save cut short (the job killed mid-write; Lightning writes in place) leaves a
+truncated highest file that breaks every later requeue. This callback:
+
+- in ``setup`` (every stage, before Lightning loads the checkpoint it has already chosen) keeps the newest ``keep``
+  complete ones and deletes the rest; if the highest-numbered one is incomplete, the newest complete one is moved to
+  its name, so the path Lightning picked now holds a loadable checkpoint;
+- after any checkpoint save (at the next batch end, teardown or exception) deletes the older complete ones.
+
+Complete = a torch zip archive with its central directory (written last; ``zipfile.is_zipfile``), or for FSDP's
+sharded ``state_dict_type`` a directory holding its metadata file. Only global rank 0 touches files; every rank waits
+for it in ``setup``. ``default_root_dir`` must be on a filesystem all nodes share (it must anyway, for the resume).
+Local paths only (remote ``default_root_dir`` URLs are left alone).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+HPC_RE = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
+SHARDED_MARKERS = (".metadata", "meta.pt")  # torch.distributed.checkpoint metadata, Lightning's FSDP meta file
+
+
+def hpc_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``[(N, path)]`` of ``hpc_ckpt_N.ckpt`` files/dirs in ``folder``, ascending ``N``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in folder.iterdir():
+        m = HPC_RE.match(p.name)
+        if m:
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """A checkpoint whose save finished: zip with central directory, or a sharded dir with its metadata written."""
+    p = Path(path)
+    if p.is_dir():
+        return any((p / m).is_file() for m in SHARDED_MARKERS)
+    try:
+        return p.stat().st_size > 0 and zipfile.is_zipfile(p)
+    except OSError:
+        return False
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def prune_hpc_checkpoints(folder: str | os.PathLike, keep: int = 1, fix_highest: bool = True) -> dict[str, Any]:
+    """Delete all ``hpc_ckpt_*`` but the newest ``keep`` complete ones; return what was done.
+
+    ``fix_highest``: if the highest-numbered checkpoint is incomplete, move the newest complete one onto its name (the
+    name Lightning's SLURM resume will load). Without any complete checkpoint nothing is touched.
+    """
+    ckpts = hpc_checkpoints(folder)
+    report: dict[str, Any] = {"kept": [], "deleted": [], "moved": None}
+    if not ckpts:
+        return report
+    complete = [(n, p) for n, p in ckpts if is_complete(p)]
+    if not complete:
+        report["incomplete_only"] = [str(p) for _, p in ckpts]
+        return report
+    keep_set = {p for _, p in complete[-max(1, keep):]}
+    top_n, top_p = ckpts[-1]
+    if fix_highest and top_p not in keep_set:  # the highest is incomplete (complete ones are all in keep_set or older)
+        newest_n, newest_p = complete[-1]
+        _remove(top_p)
+        os.replace(newest_p, top_p)
+        report["moved"] = (str(newest_p), str(top_p))
+        keep_set.discard(newest_p)
+        keep_set.add(top_p)
+    for _, p in ckpts:
+        if p not in keep_set and p.exists():
+            _remove(p)
+            report["deleted"].append(str(p))
+    report["kept"] = sorted(str(p) for p in keep_set)
+    return report
+
+
+class HPCCheckpointPrune(Callback):
+    """Keep only the newest ``keep`` complete ``hpc_ckpt_*.ckpt`` in ``default_root_dir`` (see module docstring)."""
+
+    def __init__(self, keep: int = 1, verbose: bool = True) -> None:
+        if keep < 1:
+            raise ValueError(f"HPCCheckpointPrune: keep must be >= 1, got {keep}")
+        self.keep = keep
+        self.verbose = verbose
+        self._saved = False
+
+    @staticmethod
+    def _local_dir(trainer: L.Trainer) -> Path | None:
+        root = str(trainer.default_root_dir)
+        if "://" in root and not root.startswith("file://"):
+            return None
+        return Path(root.removeprefix("file://"))
+
+    def prune(self, trainer: L.Trainer, fix_highest: bool) -> dict[str, Any] | None:
+        folder = self._local_dir(trainer)
+        if folder is None or not trainer.is_global_zero:
+            return None
+        report = prune_hpc_checkpoints(folder, self.keep, fix_highest=fix_highest)
+        if report.get("incomplete_only"):
+            rank_zero_warn(f"HPCCheckpointPrune: no complete hpc checkpoint in {folder} "
+                           f"({', '.join(report['incomplete_only'])}): nothing pruned; a SLURM resume will fail to load")
+        if report["moved"]:
+            rank_zero_warn(f"HPCCheckpointPrune: {report['moved'][1]} is incomplete (save cut short); replaced by the "
+                           f"newest complete checkpoint {report['moved'][0]}")
+        if self.verbose and report["deleted"]:
+            rank_zero_info(f"HPCCheckpointPrune: deleted {len(report['deleted'])} older hpc checkpoint(s): "
+                           f"{', '.join(Path(p).name for p in report['deleted'])}")
+        return report
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.prune(trainer, fix_highest=True)
+        trainer.strategy.barrier("HPCCheckpointPrune.setup")  # nobody loads before rank 0 is done
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._saved = True  # called before the file is written: prune once it is complete (next hook below)
+
+    def _after_save(self, trainer: L.Trainer) -> None:
+        if self._saved:
+            self._saved = False
+            self.prune(trainer, fix_highest=False)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._after_save(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._after_save(trainer)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._after_save(trainer)
