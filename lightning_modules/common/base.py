@@ -20,6 +20,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
 
+def global_seed() -> int:
+    """The run's seed (``seed_everything``), identical on every rank."""
+    return int(os.environ.get("PL_GLOBAL_SEED", "0"))
+
+
 def count_params(params: Iterable[torch.nn.Parameter]) -> int:
     return sum(p.numel() for p in params)
 
@@ -72,7 +77,7 @@ class BaseGenModule(L.LightningModule):
     def ensure_generator(self) -> torch.Generator:
         """The per-rank generator on this module's device (created after device placement; restored on resume)."""
         if self.gen is None or self.gen.device.type != self.device.type:
-            seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))
+            seed = global_seed()
             rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
             self.gen = torch.Generator(device=self.device).manual_seed(seed * world + rank)
             if self._gen_state is not None:

@@ -1,0 +1,154 @@
+"""Strict checkpoint loading with readable errors (spec §3.1, §3.9, §8 check 1).
+
+``load_state_dict_strict(module, path)`` loads ``.pth``/``.pt``/``.ckpt`` (``torch.load(weights_only=True,
+map_location='cpu')``, memory-mapped when possible) or ``.safetensors``, unwraps a container (``state_dict``,
+``model``, ``module``, …, DDP ``module.`` prefix) only when the top level does not already match, and raises a
+``ValueError`` naming the file and the missing / unexpected / mis-shaped keys. Modules exposing
+``verify_buffers()`` (VAR) are checked afterwards: the block-causal mask and ``lvl_1L`` must equal freshly
+built ones, so a fake or corrupt file cannot silently overwrite them.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
+_CONTAINER_KEYS = ("state_dict", "model", "module", "net", "model_state_dict", "params", "ema")
+_MAX_LISTED = 25
+
+
+def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_state_dict_file(path: str | Path) -> Any:
+    """Raw object stored in ``path`` (CPU tensors; no arbitrary unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def _strip(sd: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def unwrap_state_dict(obj: Any, expected: set[str], prefix: str | None = None) -> tuple[dict[str, Tensor], str]:
+    """Pick the tensor dict to load. Returns (state_dict, how) where ``how`` describes any unwrapping."""
+    how = "top level"
+    needs_unwrap = not _is_tensor_dict(obj) or not (set(obj) & expected)
+    if needs_unwrap and isinstance(obj, Mapping):
+        for key in _CONTAINER_KEYS:
+            if key in obj and isinstance(obj[key], Mapping):
+                obj, how = obj[key], f"container key {key!r}"
+                break
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"checkpoint does not hold a state dict (got {type(obj).__name__})")
+    sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if prefix:
+        sd, how = _strip(sd, prefix), f"{how}, prefix {prefix!r}"
+    elif not (set(sd) & expected) and sd and all(k.startswith("module.") for k in sd):
+        sd, how = _strip(sd, "module."), f"{how}, DDP prefix 'module.'"
+    return sd, how
+
+
+def diff_state_dict(expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> dict[str, list]:
+    """missing / unexpected keys and (key, expected shape, found shape) for shape mismatches."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [(k, tuple(expected[k].shape), tuple(found[k].shape))
+              for k in expected if k in found and tuple(expected[k].shape) != tuple(found[k].shape)]
+    return {"missing": missing, "unexpected": unexpected, "shape": shapes}
+
+
+def _fmt(items: list, render) -> str:
+    lines = [f"    {render(x)}" for x in items[:_MAX_LISTED]]
+    if len(items) > _MAX_LISTED:
+        lines.append(f"    … and {len(items) - _MAX_LISTED} more")
+    return "\n".join(lines)
+
+
+def format_mismatch(path: str | Path, diff: dict[str, list], how: str = "top level") -> str:
+    parts = [f"state dict in {path} ({how}) does not match the module:"]
+    if diff["missing"]:
+        parts.append(f"  missing keys ({len(diff['missing'])}):\n" + _fmt(diff["missing"], str))
+    if diff["unexpected"]:
+        parts.append(f"  unexpected keys ({len(diff['unexpected'])}):\n" + _fmt(diff["unexpected"], str))
+    if diff["shape"]:
+        parts.append(f"  shape mismatches ({len(diff['shape'])}):\n"
+                     + _fmt(diff["shape"], lambda t: f"{t[0]}: expected {t[1]}, found {t[2]}"))
+    return "\n".join(parts)
+
+
+def load_state_dict_strict(module: nn.Module, path: str | Path, prefix: str | None = None) -> dict[str, Any]:
+    """Load ``path`` into ``module`` with strict key/shape checking; returns a small report
+    ``{'path', 'num_tensors', 'unwrapped'}``. Raises ``ValueError`` on any mismatch."""
+    expected = module.state_dict()
+    sd, how = unwrap_state_dict(read_state_dict_file(path), set(expected), prefix)
+    diff = diff_state_dict(expected, sd)
+    if any(diff.values()):
+        raise ValueError(format_mismatch(path, diff, how))
+    module.load_state_dict(sd, strict=True)
+    verify = getattr(module, "verify_buffers", None)
+    if callable(verify):
+        try:
+            verify()
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    return {"path": str(path), "num_tensors": len(sd), "unwrapped": how}
+
+
+# ----------------------------------------------------------------------------- manifests (spec §3.9)
+def find_fixtures_dir() -> Path | None:
+    """``$CTRLGEN_FIXTURES``, else ``<repo>/shared/fixtures``, else ``<repo>/../shared/fixtures``."""
+    repo = Path(__file__).resolve().parents[2]
+    env = os.environ.get("CTRLGEN_FIXTURES")
+    for cand in ([Path(env)] if env else []) + [repo / "shared" / "fixtures", repo.parent / "shared" / "fixtures"]:
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def read_manifest(path: str | Path) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Rows ``key<TAB>(shape)<TAB>dtype`` → [(key, shape, torch dtype)] in file order."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        key, shape, dtype = line.split("\t")
+        dims = tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
+        rows.append((key, dims, _DTYPES[dtype.strip()]))
+    return rows
+
+
+def fake_state_dict(manifest: list[tuple[str, tuple[int, ...], torch.dtype]],
+                    buffers_from: Mapping[str, Tensor] | None = None, fill: float = 0.0) -> dict[str, Tensor]:
+    """A checkpoint-shaped state dict: tensors filled with ``fill``, except keys present in ``buffers_from``
+    (e.g. the model's own mask / ``lvl_1L``), which are copied (spec §8 check 1)."""
+    buffers_from = buffers_from or {}
+    def make(s: tuple[int, ...], d: torch.dtype) -> Tensor:
+        return torch.zeros(s, dtype=d) if fill == 0 else torch.full(s, fill, dtype=d)
+
+    return {k: buffers_from[k].detach().clone() if k in buffers_from else make(s, d) for k, s, d in manifest}

@@ -1,0 +1,85 @@
+"""``VARModule``: class-conditional next-scale prediction on top of a frozen VQVAE (ecm.md §3.4, §3.6).
+
+The second base stage. The VQVAE comes from its own file (official ``.pth`` or a ``VQVAEModule`` checkpoint) and stays
+out of this module's checkpoints. Data are images (tokenised on the fly) or pre-tokenised ``codes`` (``vq.npy``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_modules.common.base import BaseGenModule, decay_groups
+from lightning_modules.ecm.bases import check_compatible, make_var, make_vqvae
+from lightning_modules.ecm.losses import token_ce
+
+
+def split_codes(codes_BL: torch.Tensor, begin_ends: list[tuple[int, int]], upto: int | None = None) -> list[torch.Tensor]:
+    """Flat codes (B, L) in VAR order → per-scale (B, pn²) tensors for scales 0..upto."""
+    n = len(begin_ends) if upto is None else upto + 1
+    return [codes_BL[:, bg:ed] for bg, ed in begin_ends[:n]]
+
+
+class VARBase(BaseGenModule):
+    """Shared by ``VARModule`` and ``ECMModule``: frozen VQVAE, tokens of a batch, per-scale logging, sampling args."""
+
+    def __init__(self, var_preset: str, var_overrides: dict | None, var_weights: str | None, vqvae_preset: str,
+                 vqvae_overrides: dict | None, vqvae_weights: str | None, loss_norm: str = "kept_mean",
+                 label_smoothing: float = 0.0, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.vqvae, self.vqvae_info = make_vqvae(vqvae_preset, vqvae_overrides, vqvae_weights)
+        self.var, self.var_info = make_var(var_preset, var_overrides, var_weights)
+        check_compatible(self.vqvae, self.var)
+        self.vqvae.requires_grad_(False).eval()
+        self.loss_norm, self.label_smoothing = loss_norm, label_smoothing
+        self.sample_kwargs = {"cfg": cfg, "top_k": top_k, "top_p": top_p}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vqvae.eval()  # frozen tokenizer: never in training mode
+        return self
+
+    def tokens(self, batch: dict[str, Any], last_si: int | None = None) -> list[torch.Tensor]:
+        if "codes" in batch:
+            return split_codes(batch["codes"].long(), self.var.begin_ends, last_si)
+        img = batch["image"]
+        if img.shape[-1] != self.vqvae.image_size:
+            raise ValueError(f"images are {img.shape[-1]} px but the VQVAE expects {self.vqvae.image_size} px "
+                             "(set data.init_args.resolution)")
+        return self.vqvae.img_to_idx(img, last_si)
+
+    def ce(self, logits: torch.Tensor, idx: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        target = torch.cat(idx, 1)
+        loss, per_ce, per_acc = token_ce(logits, target, self.var.begin_ends, self.var.L, self.loss_norm,
+                                         self.label_smoothing)
+        out = {"loss": loss, "acc": per_acc.mean()}
+        for k in range(len(per_ce)):
+            out[f"ce_scale{k}"], out[f"acc_scale{k}"] = per_ce[k], per_acc[k]
+        return out
+
+
+class VARModule(VARBase):
+    frozen_prefixes = ("vqvae.",)
+
+    def __init__(self, var_preset: str = "d16", var_overrides: dict | None = None, var_weights: str | None = None,
+                 vqvae_preset: str = "vae_ch160v4096z32", vqvae_overrides: dict | None = None,
+                 vqvae_weights: str | None = None, **kwargs: Any):
+        super().__init__(var_preset, var_overrides, var_weights, vqvae_preset, vqvae_overrides, vqvae_weights, **kwargs)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+
+    def param_groups(self) -> list[dict]:
+        return decay_groups(self.var.named_parameters(), ("class_emb", "lvl_embed", "pos_", "scale_mul"))
+
+    def model_step(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
+        idx = self.tokens(batch)
+        x = self.vqvae.idx_to_var_input(idx)
+        logits = self.var(batch["label"].long(), x)
+        return self.ce(logits, idx)
+
+    @torch.no_grad()
+    def sample_images(self, batch: dict[str, Any], n: int) -> dict[str, torch.Tensor]:
+        labels = batch["label"][:n].long()
+        img = self.var.autoregressive_infer_cfg(len(labels), labels, vqvae=self.vqvae, g_seed=0, **self.sample_kwargs)
+        return {"class_conditional": img}

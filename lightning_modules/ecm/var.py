@@ -1,0 +1,366 @@
+"""VAR transformer (FoundationVision/VAR ``models/var.py``/``basic_var.py``), spec §3.4–§3.8.
+
+State-dict keys/shapes equal ``shared/fixtures/var_d16_state_dict.tsv`` for depth 16. Differences from the
+official code, by design: no global monkey-patching (Q1; every module initialised explicitly in
+:meth:`VAR.init_weights`), class dropout only in training (Q2), the VQVAE is an argument of the sampler
+rather than a hidden proxy, and an external *hook* can steer the forward (ECM adapters, §2.2).
+
+Hook contract (used by :mod:`lightning_modules.ecm.control`): ``hook`` is any callable
+``hook(block_idx, h, cond_BD, attn_bias) -> h`` called after every block (``attn_bias`` is the sliced
+block-causal mask in teacher forcing, ``None`` in KV-cached sampling, where ``h`` holds only the current
+scale's rows). Optional methods are called when present (see :class:`VARHook`):
+``prepare(bg, ed) -> Tensor | None`` once per forward (bg = 0) or per sampled scale, returning an additive
+term for the input embeddings x_0 of positions [bg, ed); ``kv_caching(enable, max_len)`` around sampling.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .sampling import cfg_mix, cfg_ratio, resolve_temperatures, sample_top_k_top_p
+from .scales import (
+    DEFAULT_PATCH_NUMS,
+    TINY_PATCH_NUMS,
+    begin_ends,
+    block_causal_bias,
+    lvl_index,
+)
+
+VAR_PRESETS: dict[str, dict] = {
+    "d16": {"depth": 16}, "d20": {"depth": 20}, "d24": {"depth": 24}, "d30": {"depth": 30},
+    # CPU demo (pairs with VQVAE_PRESETS["tiny"]: Cvae 16, V 512, 64 px → 8×8).
+    "tiny": {"depth": 4, "embed_dim": 256, "num_heads": 4, "vocab_size": 512, "cvae": 16, "num_classes": 10,
+             "patch_nums": TINY_PATCH_NUMS},
+}
+HookFn = Callable[[int, Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+class VARHook:
+    """Optional base class documenting the hook protocol; plain callables work too."""
+
+    def prepare(self, bg: int, ed: int) -> Tensor | None:  # additive term for x_0[:, bg:ed]
+        return None
+
+    def kv_caching(self, enable: bool, max_len: int | None = None) -> None:
+        pass
+
+    def __call__(self, block_idx: int, h: Tensor, cond_BD: Tensor, attn_bias: Tensor | None) -> Tensor:
+        return h
+
+
+def default_aln_gamma(depth: int) -> float:
+    """README: 1e-3 for d16/d20, 1e-4 for d24, 1e-5 for d30 (spec §3.5)."""
+    return 1e-3 if depth <= 20 else (1e-4 if depth <= 24 else 1e-5)
+
+
+def drop_labels(label_B: Tensor, rate: float, null_class: int, generator: torch.Generator | None = None) -> Tensor:
+    """Replace each label by the null class with probability ``rate`` (class dropout, CFG training)."""
+    if rate <= 0:
+        return label_B
+    u = torch.rand(label_B.shape, device=label_B.device, generator=generator)
+    return torch.where(u < rate, torch.full_like(label_B, null_class), label_B)
+
+
+class DropPath(nn.Module):
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p <= 0:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
+        return x * keep.div_(1 - self.p)
+
+
+class SelfAttention(nn.Module):
+    """VAR attention: fused ``mat_qkv`` (no bias) + ``q_bias``/``zero_k_bias``/``v_bias``, l2-normalised
+    q/k, q × exp(min(scale_mul, ln 100)), softmax scale 1, SDPA; optional preallocated KV cache."""
+
+    def __init__(self, embed_dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        assert embed_dim % num_heads == 0
+        self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+        self.max_scale_mul = math.log(100)
+        self.mat_qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(embed_dim))
+        self.v_bias = nn.Parameter(torch.zeros(embed_dim))
+        self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+        self.attn_drop = attn_drop
+        self.kv_caching(False)
+
+    def kv_caching(self, enable: bool, max_len: int | None = None) -> None:
+        self.caching, self.cache_max_len, self.cache_len = enable, max_len, 0
+        self.cached_k: Tensor | None = None
+        self.cached_v: Tensor | None = None
+
+    def _append_kv(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        n, l = self.cache_len, k.shape[2]
+        if self.cache_max_len is None:  # growing cache (concatenation)
+            if self.cached_k is not None:
+                k, v = torch.cat((self.cached_k, k), 2), torch.cat((self.cached_v, v), 2)
+            self.cached_k, self.cached_v, self.cache_len = k, v, n + l
+            return k, v
+        if self.cached_k is None:  # preallocate once per sampling run
+            shape = (k.shape[0], k.shape[1], self.cache_max_len, k.shape[3])
+            self.cached_k, self.cached_v = k.new_empty(shape), v.new_empty(shape)
+        self.cached_k[:, :, n:n + l] = k
+        self.cached_v[:, :, n:n + l] = v
+        self.cache_len = n + l
+        return self.cached_k[:, :, :n + l], self.cached_v[:, :, :n + l]
+
+    def forward(self, x: Tensor, attn_bias: Tensor | None) -> Tensor:
+        B, L, C = x.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # B H L c
+        scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
+        q = F.normalize(q, dim=-1).mul(scale_mul.to(q.dtype))
+        k = F.normalize(k, dim=-1)
+        if self.caching:
+            k, v = self._append_kv(k, v)
+        mask = attn_bias.to(q.dtype) if attn_bias is not None else None
+        drop = self.attn_drop if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=1.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, L, C)))
+
+
+class FFN(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.act(self.fc1(x))))
+
+
+def ada_modulate(ln: nn.Module, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    return ln(x).mul(scale.add(1)).add_(shift)
+
+
+class AdaLNSelfAttn(nn.Module):
+    """x += DropPath(Attn(LN(x)(1+s1)+β1)·γ1); x += DropPath(FFN(LN(x)(1+s2)+β2)·γ2) (spec §3.4)."""
+
+    def __init__(self, embed_dim: int, num_heads: int, mlp_ratio: float = 4.0, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        self.C = embed_dim
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.attn = SelfAttention(embed_dim, num_heads, attn_drop, drop)
+        self.ffn = FFN(embed_dim, round(embed_dim * mlp_ratio), drop)
+        self.ln_wo_grad = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(embed_dim, 6 * embed_dim))
+
+    def forward(self, x: Tensor, cond_BD: Tensor, attn_bias: Tensor | None) -> Tensor:
+        g1, g2, s1, s2, b1, b2 = self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
+        x = x + self.drop_path(self.attn(ada_modulate(self.ln_wo_grad, x, s1, b1), attn_bias).mul_(g1))
+        return x + self.drop_path(self.ffn(ada_modulate(self.ln_wo_grad, x, s2, b2)).mul(g2))
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, C: int, D: int, norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        self.C = C
+        self.ln_wo_grad = nn.LayerNorm(C, eps=norm_eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(D, 2 * C))
+
+    def forward(self, x: Tensor, cond_BD: Tensor) -> Tensor:
+        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
+        return ada_modulate(self.ln_wo_grad, x, scale, shift)
+
+
+class VAR(nn.Module):
+    """Class-conditional next-scale prediction transformer (spec §3.4)."""
+
+    def __init__(self, depth: int = 16, embed_dim: int | None = None, num_heads: int | None = None,
+                 vocab_size: int = 4096, cvae: int = 32, num_classes: int = 1000,
+                 patch_nums: Sequence[int] = DEFAULT_PATCH_NUMS, mlp_ratio: float = 4.0,
+                 drop_path_rate: float | None = None, cond_drop_rate: float = 0.1, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, norm_eps: float = 1e-6, init_std: float = -1.0,
+                 aln_gamma: float | None = None, init_adaln: float = 0.5, init_head: float = 0.02) -> None:
+        super().__init__()
+        C = embed_dim if embed_dim is not None else 64 * depth
+        self.depth, self.C, self.D = depth, C, C
+        self.num_heads = num_heads if num_heads is not None else depth
+        self.V, self.Cvae, self.num_classes = vocab_size, cvae, num_classes
+        self.cond_drop_rate = cond_drop_rate
+        self.patch_nums = tuple(int(p) for p in patch_nums)
+        self.begin_ends = begin_ends(self.patch_nums)
+        self.L, self.first_l = self.begin_ends[-1][1], self.patch_nums[0] ** 2
+        self.drop_path_rate = 0.1 * depth / 24 if drop_path_rate is None else drop_path_rate
+        self.init_cfg = {"init_std": init_std, "aln_gamma": default_aln_gamma(depth) if aln_gamma is None else aln_gamma,
+                             "init_adaln": init_adaln, "init_head": init_head}
+
+        self.word_embed = nn.Linear(cvae, C)
+        self.class_emb = nn.Embedding(num_classes + 1, C)
+        self.pos_start = nn.Parameter(torch.empty(1, self.first_l, C))
+        self.pos_1LC = nn.Parameter(torch.empty(1, self.L, C))
+        self.lvl_embed = nn.Embedding(len(self.patch_nums), C)
+        dpr = [self.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear 0 → rate
+        self.blocks = nn.ModuleList([
+            AdaLNSelfAttn(C, self.num_heads, mlp_ratio, drop_rate, attn_drop_rate, dpr[i], norm_eps)
+            for i in range(depth)])
+        self.register_buffer("lvl_1L", lvl_index(self.patch_nums).view(1, self.L))
+        self.register_buffer("attn_bias_for_masking", block_causal_bias(self.patch_nums))
+        self.head_nm = AdaLNBeforeHead(C, C, norm_eps)
+        self.head = nn.Linear(C, vocab_size)
+        self.init_weights(**self.init_cfg)
+
+    # ------------------------------------------------------------------ init / buffers
+    @torch.no_grad()
+    def init_weights(self, init_std: float = -1.0, aln_gamma: float = 1e-3, init_adaln: float = 0.5,
+                     init_head: float = 0.02) -> None:
+        """Spec §3.5: trunc-normal(init_std = √(1/3C) if < 0) for Linear/Embedding/pos, zero biases; head ×
+        init_head; head AdaLN ×init_adaln; per block proj/fc2 ÷ √(2·depth), ada_lin rows [2C:] ×init_adaln,
+        rows [:2C] (γ) ×aln_gamma, zero bias. Also restores scale_mul = ln 4, q/v bias 0."""
+        std = math.sqrt(1 / self.C / 3) if init_std < 0 else init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+        nn.init.trunc_normal_(self.pos_start, std=std)
+        nn.init.trunc_normal_(self.pos_1LC, std=std)
+        self.head.weight.mul_(init_head)
+        self.head.bias.zero_()
+        self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
+        div = math.sqrt(2 * self.depth)
+        for b in self.blocks:
+            b.attn.proj.weight.div_(div)
+            b.ffn.fc2.weight.div_(div)
+            b.attn.scale_mul_1H11.fill_(math.log(4.0))
+            b.attn.q_bias.zero_()
+            b.attn.v_bias.zero_()
+            w = b.ada_lin[-1].weight
+            w[2 * self.C:].mul_(init_adaln)
+            w[:2 * self.C].mul_(aln_gamma)
+
+    def verify_buffers(self) -> None:
+        """Raise ValueError unless ``attn_bias_for_masking``/``lvl_1L`` equal freshly built ones (spec §3.9)."""
+        dev = self.lvl_1L.device
+        if not torch.equal(self.lvl_1L, lvl_index(self.patch_nums, device=dev).view(1, self.L)):
+            raise ValueError("VAR buffer lvl_1L differs from the one rebuilt from patch_nums")
+        if not torch.equal(self.attn_bias_for_masking, block_causal_bias(self.patch_nums, device=dev)):
+            raise ValueError("VAR buffer attn_bias_for_masking differs from the block-causal mask")
+
+    # ------------------------------------------------------------------ forward pieces
+    def end_of(self, prog_si: int | None) -> int:
+        return self.L if prog_si is None or prog_si < 0 else self.begin_ends[prog_si][1]
+
+    def embed_inputs(self, label_B: Tensor, x_BLCv: Tensor | None, ed: int) -> tuple[Tensor, Tensor]:
+        """x_0 (B, ed, C) fp32 = [class_emb + pos_start ; word_embed(x)] + lvl_embed + pos, and cond_BD."""
+        with torch.autocast(device_type=label_B.device.type, enabled=False):
+            cond_BD = self.class_emb(label_B)
+            B = label_B.shape[0]
+            x = cond_BD.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
+            if ed > self.first_l:
+                if x_BLCv is None or x_BLCv.shape[1] < ed - self.first_l:
+                    got = None if x_BLCv is None else tuple(x_BLCv.shape)
+                    raise ValueError(f"x_BLCv must hold ≥ {ed - self.first_l} positions for ed={ed}, got {got}")
+                x = torch.cat((x, self.word_embed(x_BLCv[:, :ed - self.first_l].float())), dim=1)
+            x = x + self.lvl_embed(self.lvl_1L[:, :ed]) + self.pos_1LC[:, :ed]
+        return x, cond_BD
+
+    def run_blocks(self, x: Tensor, cond_BD: Tensor, attn_bias: Tensor | None, hook: HookFn | None = None) -> Tensor:
+        """Blocks in the autocast dtype (if any), calling ``hook`` after each block."""
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x, cond = x.to(dt), cond_BD.to(dt)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cond, attn_bias)
+            if hook is not None:
+                x = hook(i, x, cond, attn_bias)
+        return x
+
+    def get_logits(self, h: Tensor, cond_BD: Tensor) -> Tensor:
+        return self.head(self.head_nm(h.float(), cond_BD.float()).float()).float()
+
+    def forward(self, label_B: Tensor, x_BLCv: Tensor | None, prog_si: int | None = None,
+                hook: HookFn | None = None) -> Tensor:
+        """Teacher-forced logits (B, ed, V) fp32; ``x_BLCv`` (B, ≥ ed − first_l, Cvae), ed = end of scale
+        ``prog_si`` (None/−1 → L). Class dropout (``cond_drop_rate``) only in training (quirk Q2)."""
+        ed = self.end_of(prog_si)
+        if self.training:
+            label_B = drop_labels(label_B, self.cond_drop_rate, self.num_classes)
+        x, cond_BD = self.embed_inputs(label_B, x_BLCv, ed)
+        prepare = getattr(hook, "prepare", None)
+        add = prepare(0, ed) if prepare is not None else None
+        if add is not None:
+            x = x + add
+        h = self.run_blocks(x, cond_BD, self.attn_bias_for_masking[:, :, :ed, :ed], hook)
+        return self.get_logits(h, cond_BD)
+
+    # ------------------------------------------------------------------ sampling
+    def _set_caching(self, enable: bool, hook: object | None) -> None:
+        for b in self.blocks:
+            b.attn.kv_caching(enable, self.L if enable else None)
+        kv = getattr(hook, "kv_caching", None)
+        if kv is not None:
+            kv(enable, self.L if enable else None)
+
+    @torch.no_grad()
+    def autoregressive_infer_cfg(self, B: int, labels: Tensor | int | None = None, *, vqvae: nn.Module,
+                                 g_seed: int | None = None, generator: torch.Generator | None = None,
+                                 cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
+                                 temperature_schedule: float | Sequence[float] | None = None,
+                                 hook: HookFn | None = None, return_logits: bool = False, decode: bool = True):
+        """KV-cached CFG sampling (spec §3.7 + ECM temperature §2.4). Rows [0, B) use ``labels``, rows
+        [B, 2B) the null class. Per scale: raw logits → (1+t)·cond − t·uncond, t = cfg·si/(K−1) → ÷ T_si →
+        top-k/top-p → multinomial with ``generator`` (or a fresh one seeded by ``g_seed``).
+
+        Returns images in [0, 1] (or f̂ if ``decode=False``); with ``return_logits`` a tuple
+        ``(img, idx_list[(B, pn²)], raw_logits_list[(2B, pn², V) fp32, before CFG])``."""
+        dev = self.lvl_1L.device
+        if g_seed is not None and generator is not None:
+            raise ValueError("pass either g_seed or generator, not both")
+        rng = generator if generator is not None else (
+            torch.Generator(device=dev).manual_seed(g_seed) if g_seed is not None else None)
+        if labels is None:
+            labels = torch.multinomial(torch.ones(self.num_classes, device=dev), B, replacement=True, generator=rng)
+        elif isinstance(labels, int):
+            labels = torch.full((B,), self.num_classes if labels < 0 else labels, device=dev, dtype=torch.long)
+        labels = labels.to(dev).long()
+        K, temps = len(self.patch_nums), resolve_temperatures(temperature_schedule, len(self.patch_nums))
+        cond_BD = self.class_emb(torch.cat((labels, torch.full_like(labels, self.num_classes))))
+        lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC
+        x = cond_BD.unsqueeze(1).expand(2 * B, self.first_l, -1) + self.pos_start + lvl_pos[:, :self.first_l]
+        H = self.patch_nums[-1]
+        f_hat = cond_BD.new_zeros(B, self.Cvae, H, H, dtype=torch.float32)
+        prepare = getattr(hook, "prepare", None)
+        idx_list, logits_list = [], []
+        self._set_caching(True, hook)
+        try:
+            for si, pn in enumerate(self.patch_nums):
+                bg, ed = self.begin_ends[si]
+                add = prepare(bg, ed) if prepare is not None else None
+                h = self.run_blocks(x if add is None else x + add, cond_BD, None, hook)
+                logits = self.get_logits(h, cond_BD)
+                if return_logits:
+                    logits_list.append(logits)
+                mixed = cfg_mix(logits, cfg_ratio(si, K, cfg))
+                idx = sample_top_k_top_p(mixed, top_k, top_p, generator=rng, temperature=temps[si])
+                idx_list.append(idx)
+                emb = vqvae.quantize.embedding(idx).transpose(1, 2).reshape(B, self.Cvae, pn, pn).float()
+                f_hat, nxt = vqvae.next_autoregressive_input(si, f_hat, emb)
+                if si != K - 1:
+                    ne = self.begin_ends[si + 1][1]
+                    x = self.word_embed(nxt.flatten(2).transpose(1, 2)) + lvl_pos[:, ed:ne]
+                    x = x.repeat(2, 1, 1)
+        finally:
+            self._set_caching(False, hook)
+        out = vqvae.fhat_to_img(f_hat).float().add_(1).mul_(0.5) if decode else f_hat
+        return (out, idx_list, logits_list) if return_logits else out
+
+
+def build_var(preset: str | None = "d16", **overrides) -> VAR:
+    """Build a VAR from ``VAR_PRESETS`` with keyword overrides."""
+    cfg = dict(VAR_PRESETS[preset]) if preset else {}
+    cfg.update(overrides)
+    return VAR(**cfg)
