@@ -2,9 +2,11 @@
 
 from callbacks.data_health import DataHealthCallback
 from callbacks.images import ImageGridLogger, make_grid
+from callbacks.predictions import PredictionWriter
+from callbacks.results import TestResultsWriter
 from callbacks.rng import RNGStateCallback
 from callbacks.throughput import ThroughputCallback
 from callbacks.wandb_config import WandbSaveConfig
 
-__all__ = ["DataHealthCallback", "ImageGridLogger", "RNGStateCallback", "ThroughputCallback", "WandbSaveConfig",
-           "make_grid"]
+__all__ = ["DataHealthCallback", "ImageGridLogger", "PredictionWriter", "RNGStateCallback", "TestResultsWriter",
+           "ThroughputCallback", "WandbSaveConfig", "make_grid"]

@@ -1,4 +1,6 @@
-"""Keep only the newest complete ``hpc_ckpt_N.ckpt`` in ``trainer.default_root_dir`` (platform.md §2).
+"""SLURM HPC checkpoints (platform.md §2): ``HPCCheckpointPrune`` and ``SafeRequeue``.
+
+``HPCCheckpointPrune`` keeps only the newest complete ``hpc_ckpt_N.ckpt`` in ``trainer.default_root_dir``.
 
 Every SIGUSR1 (a Slurm time limit with ``--signal=SIGUSR1@90``) makes Lightning write ``hpc_ckpt_{N+1}.ckpt`` next to
 the previous ones, and a requeued job resumes from the highest ``N`` without looking at it. So a long run piles up
@@ -14,6 +16,15 @@ Complete = a torch zip archive with its central directory (written last; ``zipfi
 sharded ``state_dict_type`` a directory holding its metadata file. Only global rank 0 touches files; every rank waits
 for it in ``setup``. ``default_root_dir`` must be on a filesystem all nodes share (it must anyway, for the resume).
 Local paths only (remote ``default_root_dir`` URLs are left alone).
+
+``SafeRequeue`` replaces Lightning's SIGUSR1 handler (which saves the checkpoint *inside* the signal handler) for fit
+under ``SLURMEnvironment(auto_requeue=True)``. Seen on the local Slurm tier (tests/slurm): Slurm signals every process
+of the job step, so forked DataLoader workers, which inherit Lightning's Python handler, also "handle" SIGUSR1 with
+their stale copy of the trainer, write ``hpc_ckpt_1.ckpt`` (global_step 0: the requeued run restarted from scratch) and
+run ``scontrol requeue`` themselves; and a save inside a handler can land mid-step or pair a barrier with another
+rank's all-reduce (lightning#21406). Here the handler only sets a flag (workers ignore it); at the next optimizer-step
+boundary all ranks agree (one all-reduce), save ``hpc_ckpt_{N+1}.ckpt`` together, rank 0 runs ``scontrol requeue``,
+and the fit stops: the resumed run continues at exactly the next step, nothing trained after the checkpoint is logged.
 """
 
 from __future__ import annotations
@@ -21,11 +32,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import subprocess
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -148,3 +163,95 @@ class HPCCheckpointPrune(Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._after_save(trainer)
+
+
+def slurm_job_id(env: dict | None = None) -> str | None:
+    """The id ``scontrol requeue`` needs: ``<array job>_<task>`` for array jobs (lightning#15022), else the job id."""
+    e = os.environ if env is None else env
+    if e.get("SLURM_ARRAY_JOB_ID") and e.get("SLURM_ARRAY_TASK_ID"):
+        return f"{e['SLURM_ARRAY_JOB_ID']}_{e['SLURM_ARRAY_TASK_ID']}"
+    return e.get("SLURM_JOB_ID")
+
+
+class SafeRequeue(Callback):
+    """SIGUSR1 (``--signal=SIGUSR1@90``) → HPC checkpoint at the next step boundary on all ranks → ``scontrol requeue``.
+
+    Active only for ``fit`` under ``SLURMEnvironment`` with ``auto_requeue=True`` (Lightning's default there); installed
+    in ``setup``, before Lightning registers its handlers, so Lightning keeps its SIGTERM handling but leaves SIGUSR1
+    to this callback. ``every_n_steps`` > 1 checks the flag less often (one tiny all-reduce per check).
+    """
+
+    def __init__(self, every_n_steps: int = 1) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"SafeRequeue: every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self._pid: int | None = None
+        self._signum: int | None = None
+        self._previous: Any = None
+        self._requested = False
+        self._done = False
+        self.saved_path: str | None = None
+
+    @property
+    def armed(self) -> bool:
+        return self._signum is not None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: Slurm signals every process of the step
+            return
+        self._requested = True
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        connector = getattr(trainer, "_accelerator_connector", None)  # what Lightning's signal connector consults
+        env = getattr(connector, "cluster_environment", None) or getattr(trainer.strategy, "cluster_environment", None)
+        if stage != "fit" or self.armed or not isinstance(env, SLURMEnvironment) or not env.auto_requeue:
+            return
+        if env.requeue_signal is None or threading.current_thread() is not threading.main_thread():
+            return
+        self._pid, self._signum = os.getpid(), int(env.requeue_signal)
+        self._previous = signal.getsignal(self._signum)
+        signal.signal(self._signum, self._handler)
+        self._requested = self._done = False
+        rank_zero_info(f"SafeRequeue: signal {self._signum} -> hpc checkpoint at the next step boundary, then "
+                       "`scontrol requeue`")
+
+    def _accumulating(self, trainer: L.Trainer) -> bool:
+        try:
+            return bool(trainer.fit_loop._should_accumulate())
+        except Exception:  # noqa: BLE001 - private API; no accumulation info means a step boundary
+            return False
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        if not self.armed or self._done or trainer.global_step % self.every_n_steps or self._accumulating(trainer):
+            return
+        if not trainer.strategy.reduce_boolean_decision(self._requested, all=False):  # any rank signalled
+            return
+        self._done = True
+        path = trainer.strategy.broadcast(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
+        rank_zero_info(f"SafeRequeue: requeue signal received; saving {path} at global step {trainer.global_step}")
+        trainer.save_checkpoint(path)  # every rank, at the same point (a collective for sharded strategies)
+        self.saved_path = str(path)
+        if trainer.is_global_zero:
+            self._requeue()
+        trainer.should_stop = True  # no step past the checkpoint: the requeued run continues at global_step + 1
+
+    @staticmethod
+    def _requeue() -> None:
+        job = slurm_job_id()
+        if job is None or not re.fullmatch(r"[0-9_]+", job):
+            rank_zero_warn(f"SafeRequeue: no usable SLURM job id ({job!r}); not requeued")
+            return
+        try:
+            rc = subprocess.call(["scontrol", "requeue", job])
+        except FileNotFoundError:
+            rank_zero_warn("SafeRequeue: `scontrol` not found in the job environment; the job is NOT requeued")
+            return
+        if rc == 0:
+            rank_zero_info(f"SafeRequeue: requeued SLURM job {job}")
+        else:
+            rank_zero_warn(f"SafeRequeue: `scontrol requeue {job}` failed with exit code {rc}")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.armed and os.getpid() == self._pid and threading.current_thread() is threading.main_thread():
+            signal.signal(self._signum, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._signum = None

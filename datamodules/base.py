@@ -92,7 +92,12 @@ class _Stream(IterableDataset):
         self._iters += 1
         rng = random.Random(_seed(self.seed, self.rank, worker, epoch))
         batch: list[dict] = []
+        url = None
         for raw in self._shuffled(self._raw(rng, worker, nworkers), rng):
+            if not self.train and batch and raw.get("__url__") != url:
+                yield self._finish(batch, worker)  # eval batches never span shards: same batches for any world size
+                batch = []
+            url = raw.get("__url__")
             try:
                 sample = {k: (v if k.startswith("__") else decode_value(k, v)) for k, v in raw.items()}
                 item = self.item_fn(sample, rng)

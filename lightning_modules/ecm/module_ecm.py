@@ -93,7 +93,13 @@ class ECMModule(VARBase):
         return loss
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        return {"key": batch["key"], "image": self.sample(batch, control=True).cpu(), "cond": batch["cond"].cpu()}
+        """Controlled samples for the batch; a batch whose images all exist (``_done``, PredictionWriter) is skipped.
+        A partly written batch is regenerated whole (same seed → same images) and only the missing ones returned."""
+        done = batch.get("_done", torch.zeros(len(batch["key"]), dtype=torch.bool)).bool().cpu()
+        if done.all():
+            return {"key": []}
+        img, todo = self.sample(batch, control=True).cpu(), (~done).nonzero().flatten().tolist()
+        return {"key": [batch["key"][i] for i in todo], "image": img[todo], "cond": batch["cond"].cpu()[todo]}
 
     # --------------------------------------------------------------------------------------------------- sampling
     def _generator(self, batch: dict[str, Any]) -> torch.Generator:

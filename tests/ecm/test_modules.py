@@ -85,3 +85,35 @@ def test_missing_or_mismatched_base_weights_fail_clearly(shapes_shards, tmp_path
     with pytest.raises(ValueError, match=r"last\.ckpt[\s\S]*(missing|unexpected|shape)"):  # a VAR of another width
         CtrlgenCLI(args=["fit", *_ecm_args(shapes_shards, tmp_path, bases,
                                            extra=["--model.init_args.var_overrides={embed_dim: 32, num_heads: 2, depth: 2}"])])
+
+
+def test_test_writes_results_table_and_plots(shapes_shards, tmp_path, bases):
+    CtrlgenCLI(args=["fit", *_ecm_args(shapes_shards, tmp_path / "fit", bases, steps=2)])
+    root = tmp_path / "test"
+    CtrlgenCLI(args=["test", *_ecm_args(shapes_shards, root, bases, test=True),
+                     f"--ckpt_path={tmp_path / 'fit' / 'checkpoints' / 'last.ckpt'}"])
+    md = (root / "results.md").read_text()
+    assert "canny_f1" in md and "canny_f1_base" in md and "definition" in md.lower()
+    csv = (root / "results.csv").read_text().splitlines()
+    assert csv[0].startswith("metric") and any(line.startswith("canny_f1,") for line in csv)
+    for png in ("plots/per_scale.png", "plots/test_condition_ecm_edges_base.png"):
+        assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def _predict(shards, root, bases, extra=()):
+    return CtrlgenCLI(args=["predict", *_ecm_args(shards, root, bases),
+                            f"--data.init_args.predict_shards={shards['test']}", *extra])
+
+
+def test_predict_writes_one_image_per_key_and_skips_finished(shapes_shards, tmp_path, bases):
+    cli = _predict(shapes_shards, tmp_path, bases)
+    out = tmp_path / "predictions"
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 16 and cli.trainer.callbacks  # the 16 test samples
+    first = {p.name: p.read_bytes() for p in pngs}
+    victim = pngs[3]
+    victim.unlink()
+    again = _predict(shapes_shards, tmp_path, bases)
+    writer = next(c for c in again.trainer.callbacks if type(c).__name__ == "PredictionWriter")
+    assert writer.written == 1 and writer.skipped == 15  # the batch holding the missing key was regenerated, one written
+    assert victim.read_bytes() == first[victim.name]  # same seed → the same image

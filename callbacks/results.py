@@ -1,0 +1,64 @@
+"""``ctrlgen test`` outputs: a results table (Markdown + CSV + W&B table) with each metric's definition and reference
+figure, a per-scale CE/accuracy plot and a sample grid of the first test batch — next to the run, logged to W&B.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+
+from callbacks.images import make_grid
+
+
+class TestResultsWriter(L.Callback):
+    __test__ = False  # not a pytest class
+
+    def __init__(self, filename: str = "results", num_images: int = 8) -> None:
+        self.filename, self.num_images = filename, num_images
+        self._batch: Any = None
+        self.paths: dict[str, Path] = {}
+
+    def on_test_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._batch is None and isinstance(batch, dict):
+            self._batch = {k: v for k, v in batch.items() if not str(k).startswith("_")}
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        grids = pl_module.sample_images(self._batch, self.num_images) if self._batch is not None else {}
+        if trainer.global_rank != 0:
+            return
+        from lightning_modules.metrics.plots import plot_curves
+        from lightning_modules.metrics.results import make_rows, to_wandb_table, write_results
+
+        root = Path(trainer.default_root_dir)
+        metrics = {k.removeprefix("test/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        rows = make_rows(dict(sorted(metrics.items())), model=type(pl_module).__name__)
+        md, csv = write_results(rows, root / self.filename, title=f"{type(pl_module).__name__} test results")
+        self.paths.update(md=Path(md), csv=Path(csv))
+        per_scale: dict[str, dict[str, list[float]]] = {}
+        for k, v in metrics.items():
+            m = re.fullmatch(r"(ce|acc)_scale(\d+)", k)
+            if m:
+                per_scale.setdefault(m.group(1), {}).setdefault("test", []).append((int(m.group(2)), v))
+        if per_scale:
+            curves = {panel: {lbl: [v for _, v in sorted(pts)] for lbl, pts in d.items()} for panel, d in per_scale.items()}
+            self.paths["per_scale"] = Path(plot_curves(curves, root / "plots" / "per_scale.png", xlabel="scale index"))
+        images = []
+        for name, imgs in grids.items():
+            grid = make_grid(imgs, nrow=self.num_images)
+            path = root / "plots" / f"test_{name}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            from PIL import Image
+
+            Image.fromarray(grid).save(path)
+            self.paths[f"grid_{name}"] = path
+            images.append((name, grid))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                columns, data = to_wandb_table(rows)
+                logger.log_table(key="test/results", columns=columns, data=data)
+                for name, grid in images:
+                    logger.log_image(key=f"test/{name}", images=[grid])
