@@ -94,9 +94,9 @@ def prune_hpc_checkpoints(folder: str | os.PathLike, keep: int = 1, fix_highest:
         report["incomplete_only"] = [str(p) for _, p in ckpts]
         return report
     keep_set = {p for _, p in complete[-max(1, keep):]}
-    top_n, top_p = ckpts[-1]
+    _, top_p = ckpts[-1]
     if fix_highest and top_p not in keep_set:  # the highest is incomplete (complete ones are all in keep_set or older)
-        newest_n, newest_p = complete[-1]
+        _, newest_p = complete[-1]
         _remove(top_p)
         os.replace(newest_p, top_p)
         report["moved"] = (str(newest_p), str(top_p))
@@ -134,7 +134,8 @@ class HPCCheckpointPrune(Callback):
         report = prune_hpc_checkpoints(folder, self.keep, fix_highest=fix_highest)
         if report.get("incomplete_only"):
             rank_zero_warn(f"HPCCheckpointPrune: no complete hpc checkpoint in {folder} "
-                           f"({', '.join(report['incomplete_only'])}): nothing pruned; a SLURM resume will fail to load")
+                           f"({', '.join(report['incomplete_only'])}): nothing pruned; a SLURM resume will fail "
+                           "to load")
         if report["moved"]:
             rank_zero_warn(f"HPCCheckpointPrune: {report['moved'][1]} is incomplete (save cut short); replaced by the "
                            f"newest complete checkpoint {report['moved'][0]}")
@@ -174,7 +175,7 @@ def slurm_job_id(env: dict | None = None) -> str | None:
 
 
 class SafeRequeue(Callback):
-    """SIGUSR1 (``--signal=SIGUSR1@90``) → HPC checkpoint at the next step boundary on all ranks → ``scontrol requeue``.
+    """SIGUSR1 (``--signal=SIGUSR1@90``) → HPC checkpoint at a step boundary on all ranks → ``scontrol requeue``.
 
     Active only for ``fit`` under ``SLURMEnvironment`` with ``auto_requeue=True`` (Lightning's default there); installed
     in ``setup``, before Lightning registers its handlers, so Lightning keeps its SIGTERM handling but leaves SIGUSR1

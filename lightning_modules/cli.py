@@ -69,6 +69,30 @@ class CtrlgenCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", parser_kwargs)
         super().__init__(BaseGenModule, BaseDataModule, args=args, run=run, **kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning re-applies a checkpoint's saved hyper-parameters over the config (architecture wins). Arguments a
+        module lists in ``runtime_args`` (weights paths, sampling and evaluation knobs) are left to the config/CLI."""
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return super()._parse_ckpt_path()
+        import importlib
+
+        import torch
+
+        class_path = str(self.config[sub].model.class_path)
+        mod, _, name = class_path.rpartition(".")
+        runtime = set(getattr(getattr(importlib.import_module(mod), name, None), "runtime_args", ()))
+        ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k not in runtime}
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return None
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+        return None
+
     def before_instantiate_classes(self) -> None:
         configure_wandb_mode()
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config

@@ -46,6 +46,9 @@ class BaseGenModule(L.LightningModule):
     """Base of every method's module. Subclasses implement ``model_step`` and may override ``param_groups``."""
 
     frozen_prefixes: tuple[str, ...] = ()
+    # init arguments that `test/predict --ckpt_path` take from the config/CLI, not from the checkpoint's saved
+    # hyper-parameters (paths of frozen bases, sampling and evaluation settings)
+    runtime_args: tuple[str, ...] = ()
 
     def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW, scheduler: LRSchedulerCallable | None = None,
                  scheduler_interval: str = "step"):

@@ -23,15 +23,21 @@ _NO_DECAY = ("gates", "gate_in", "type_embed", "pos_embed", "scale_mul", "class_
 
 
 class ECMModule(VARBase):
+    runtime_args = ("var_weights", "vqvae_weights", "cfg", "top_k", "top_p", "temp_schedule", "temp_high", "temp_low",
+                    "temp_switch_scale", "cfg_control", "eval_base", "distribution_metrics", "inception_weights",
+                    "depth_estimator_dir", "edge_extractor")
+
     def __init__(self, var_preset: str = "d16", var_overrides: dict | None = None, var_weights: str | None = None,
                  vqvae_preset: str = "vae_ch160v4096z32", vqvae_overrides: dict | None = None,
                  vqvae_weights: str | None = None, control: dict | None = None,
                  condition_types: list[str] | None = None, finetune_base: bool = False, early_centric: bool = True,
                  trunc_probs: dict[int, float] | None = None, temp_schedule: str = "step", temp_high: float = 1.0,
                  temp_low: float = 0.8, temp_switch_scale: int | None = None, cfg_control: str = "both",
-                 edge_extractor: str = "cv2_canny_100_200", eval_base: bool = True, **kwargs: Any):
+                 edge_extractor: str = "cv2_canny_100_200", eval_base: bool = True,
+                 distribution_metrics: bool = False, inception_weights: str | None = None,
+                 fid_feature: torch.nn.Module | None = None, depth_estimator_dir: str | None = None, **kwargs: Any):
         super().__init__(var_preset, var_overrides, var_weights, vqvae_preset, vqvae_overrides, vqvae_weights, **kwargs)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "fid_feature"])
         self.condition_types = list(condition_types or ["canny"])
         self.control = ECMControlNet(self.var, num_condition_types=len(self.condition_types), **(control or {}))
         self.finetune_base = finetune_base
@@ -50,6 +56,16 @@ class ECMModule(VARBase):
 
         self.f1_ecm = CannyF1(edge_extractor)
         self.f1_base = CannyF1(edge_extractor)
+        self.gen_metrics = self.depth_rmse = None
+        if distribution_metrics:  # FID + P/R (k=3) [+ IS with Inception] from one feature pass (platform.md §5)
+            from lightning_modules.metrics.distribution import GenerativeMetrics
+
+            self.gen_metrics = GenerativeMetrics(fid_feature, inception_weights=inception_weights,
+                                                 compute_is=fid_feature is None)
+        if "depth" in self.condition_types and depth_estimator_dir:
+            from lightning_modules.metrics.control import DepthRMSE, TransformersDepthEstimator
+
+            self.depth_rmse = DepthRMSE(TransformersDepthEstimator(depth_estimator_dir))
 
     # ------------------------------------------------------------------------------------------------ frozen base
     def train(self, mode: bool = True):
@@ -82,15 +98,29 @@ class ECMModule(VARBase):
         return out
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Teacher-forced CE per scale, then metrics of controlled samples (and of the base without control)."""
         loss = self._step(batch, "test")
-        cond_edges = batch["cond"][:, 0] > 0
+        bs, ecm = len(batch["label"]), self.sample(batch, control=True)
         if "canny" in self.condition_types:
-            self.f1_ecm.update(self.sample(batch, control=True), cond_edges)
-            self.log("test/canny_f1", self.f1_ecm, on_epoch=True, batch_size=len(cond_edges))
+            cond_edges = batch["cond"][:, 0] > 0
+            self.f1_ecm.update(ecm, cond_edges)
+            self.log("test/canny_f1", self.f1_ecm, on_epoch=True, batch_size=bs)
             if self.eval_base:
                 self.f1_base.update(self.sample(batch, control=False), cond_edges)
-                self.log("test/canny_f1_base", self.f1_base, on_epoch=True, batch_size=len(cond_edges))
+                self.log("test/canny_f1_base", self.f1_base, on_epoch=True, batch_size=bs)
+        if self.depth_rmse is not None:
+            self.depth_rmse.update(ecm, batch["cond"][:, 0].add(1).div(2))
+            self.log("test/depth_rmse", self.depth_rmse, on_epoch=True, batch_size=bs)
+        if self.gen_metrics is not None:
+            self.gen_metrics.update(_uint8(batch["image"].add(1).div(2)), real=True)
+            self.gen_metrics.update(_uint8(ecm), real=False)
         return loss
+
+    def on_test_epoch_end(self) -> None:
+        if self.gen_metrics is not None:
+            for k, v in self.gen_metrics.compute().items():
+                self.log(f"test/{k}", float(v), sync_dist=False)
+            self.gen_metrics.reset()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Controlled samples for the batch; a batch whose images all exist (``_done``, PredictionWriter) is skipped.
@@ -128,6 +158,10 @@ class ECMModule(VARBase):
         if self.eval_base:
             rows.append(self.sample(batch, False, n))
         return {"condition_ecm_edges_base": torch.cat(rows)}
+
+
+def _uint8(img01: torch.Tensor) -> torch.Tensor:
+    return img01.clamp(0, 1).mul(255).round().to(torch.uint8)
 
 
 def _default_trunc(num_scales: int) -> dict[int, float]:

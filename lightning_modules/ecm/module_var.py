@@ -62,6 +62,7 @@ class VARBase(BaseGenModule):
 
 class VARModule(VARBase):
     frozen_prefixes = ("vqvae.",)
+    runtime_args = ("vqvae_weights", "var_weights", "cfg", "top_k", "top_p")
 
     def __init__(self, var_preset: str = "d16", var_overrides: dict | None = None, var_weights: str | None = None,
                  vqvae_preset: str = "vae_ch160v4096z32", vqvae_overrides: dict | None = None,

@@ -35,6 +35,9 @@ VAR_PRESETS: dict[str, dict] = {
     # CPU demo (pairs with VQVAE_PRESETS["tiny"]: Cvae 16, V 512, 64 px → 8×8).
     "tiny": {"depth": 4, "embed_dim": 256, "num_heads": 4, "vocab_size": 512, "cvae": 16, "num_classes": 10,
              "patch_nums": TINY_PATCH_NUMS},
+    # `ctrlgen demo ecm` (pairs with VQVAE_PRESETS["demo32"]): ~1/4 of "tiny"'s width, ≈1.3M params, fits 2 CPU cores.
+    "demo": {"depth": 4, "embed_dim": 128, "num_heads": 4, "vocab_size": 512, "cvae": 16, "num_classes": 10,
+             "patch_nums": TINY_PATCH_NUMS},
 }
 HookFn = Callable[[int, Tensor, Tensor, "Tensor | None"], Tensor]
 

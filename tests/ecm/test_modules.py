@@ -87,13 +87,23 @@ def test_missing_or_mismatched_base_weights_fail_clearly(shapes_shards, tmp_path
                                            extra=["--model.init_args.var_overrides={embed_dim: 32, num_heads: 2, depth: 2}"])])
 
 
-def test_test_writes_results_table_and_plots(shapes_shards, tmp_path, bases):
+def test_test_writes_results_table_plots_and_wandb_table(shapes_shards, tmp_path, bases, monkeypatch):
+    import json
+
     CtrlgenCLI(args=["fit", *_ecm_args(shapes_shards, tmp_path / "fit", bases, steps=2)])
     root = tmp_path / "test"
-    CtrlgenCLI(args=["test", *_ecm_args(shapes_shards, root, bases, test=True),
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    CtrlgenCLI(args=["test", *_ecm_args(shapes_shards, root, bases, test=True), "-c", "configs/logger/wandb.yaml",
+                     "--model.init_args.distribution_metrics=true",
+                     "--model.init_args.fid_feature=tests.helpers.tiny_module.TinyFeatures",
                      f"--ckpt_path={tmp_path / 'fit' / 'checkpoints' / 'last.ckpt'}"])
     md = (root / "results.md").read_text()
     assert "canny_f1" in md and "canny_f1_base" in md and "definition" in md.lower()
+    assert "| fid |" in md and "| precision |" in md and "3.55" in md  # FID row carries the VAR-d16 reference
+    tables = list((root / "wandb").glob("offline-run-*/files/media/table/test/results*.table.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    assert "metric" in table["columns"] and any(r[0] == "canny_f1" for r in table["data"])
     csv = (root / "results.csv").read_text().splitlines()
     assert csv[0].startswith("metric") and any(line.startswith("canny_f1,") for line in csv)
     for png in ("plots/per_scale.png", "plots/test_condition_ecm_edges_base.png"):

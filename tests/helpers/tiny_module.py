@@ -38,3 +38,18 @@ class TinyAEModule(BaseGenModule):
     def sample_images(self, batch: dict[str, Any], n: int) -> dict[str, torch.Tensor]:
         x = batch["image"][:n]
         return {"reconstruction": torch.cat([x, self.dec(self.enc(x))]).add(1).div(2)}
+
+
+class TinyFeatures(nn.Module):
+    """A tiny stand-in for Inception in metric tests (conv + mean-pool, 16 features; uint8 or [0,1] images)."""
+
+    num_features = 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 16, 3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        return torch.tanh(self.conv(x)).mean((2, 3))
