@@ -17,14 +17,6 @@ from lightning_modules.metrics.clip import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
     """Tiny random CLIP (towers of hidden 32, 2 layers, 2 heads, vision 32² patch 8, projection 16) + a ~60-entry

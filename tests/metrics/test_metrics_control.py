@@ -20,15 +20,6 @@ from lightning_modules.metrics.control import (
 from lightning_modules.metrics.edges import get_edge_extractor
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models: one intra-op thread avoids OpenMP oversubscription on a shared 2-core box (100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _shapes_batch(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     out = []

@@ -24,15 +24,6 @@ from lightning_modules.metrics.distribution import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models: one intra-op thread avoids OpenMP oversubscription on a shared 2-core box (100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class TinyExtractor(nn.Module):
     """conv + mean-pool, 16 features; uint8 or float [0,1] images."""
 
