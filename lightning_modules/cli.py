@@ -22,6 +22,7 @@ import lightning_modules  # noqa: F401 - imports every method so checkpoints can
 from callbacks.wandb_config import WandbSaveConfig
 from datamodules.base import BaseDataModule
 from lightning_modules.common.base import BaseGenModule
+from lightning_modules.common.slurm import guard_or_exit
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "base.yaml"
@@ -97,6 +98,7 @@ class CtrlgenCLI(LightningCLI):
         configure_wandb_mode()
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
         trainer = cfg.trainer
+        guard_or_exit(trainer)  # SLURM: no srun in a multi-task job / tasks != devices / nodes != num_nodes -> exit 2
         root = trainer.default_root_dir or "runs/default"
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
         for lg in loggers:  # loggers without a save_dir write into the run dir

@@ -268,7 +268,8 @@ class VAR(nn.Module):
                 if x_BLCv is None or x_BLCv.shape[1] < ed - self.first_l:
                     got = None if x_BLCv is None else tuple(x_BLCv.shape)
                     raise ValueError(f"x_BLCv must hold ≥ {ed - self.first_l} positions for ed={ed}, got {got}")
-                x = torch.cat((x, self.word_embed(x_BLCv[:, :ed - self.first_l].float())), dim=1)
+                w = self.word_embed.weight  # bf16 under FSDP mixed precision: match its dtype, keep x in fp32
+                x = torch.cat((x, self.word_embed(x_BLCv[:, :ed - self.first_l].to(w.dtype)).to(x.dtype)), dim=1)
             x = x + self.lvl_embed(self.lvl_1L[:, :ed]) + self.pos_1LC[:, :ed]
         return x, cond_BD
 

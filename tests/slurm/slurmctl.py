@@ -1,0 +1,90 @@
+"""Small helpers around the Slurm commands for the slurm test tier (sbatch, scontrol, waiting)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+LOCAL_CLUSTER = REPO / "slurm" / "local_cluster.sh"
+DAEMONS = ("slurmctld", "slurmd", "munged")
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+            "PREEMPTED"}
+
+
+def cluster_running() -> bool:
+    """A Slurm controller answers and has an idle/usable node."""
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        r = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10, check=False)
+    except (subprocess.TimeoutExpired, OSError):
+        return False
+    return r.returncode == 0 and bool(re.search(r"^(idle|mix|alloc|comp)", r.stdout, re.MULTILINE))
+
+
+def daemons_alive() -> dict[str, list[int]]:
+    """{daemon: [pids]} for the Slurm/munge daemons still running (exact process names)."""
+    out = {}
+    for name in (*DAEMONS, "slurmstepd"):
+        r = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True, check=False)
+        pids = [int(p) for p in r.stdout.split()]
+        if pids:
+            out[name] = pids
+    return out
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    """Environment a test job is submitted with (sbatch exports it): offline, 1 thread, the repo's interpreter."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PYTEST_", "SBATCH_", "SRUN_"))}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO), CTRLGEN_PYTHON=sys.executable, CTRLGEN_ACCELERATOR="cpu")
+    env.update(extra)
+    return env
+
+
+def sbatch(args: list[str], env: dict[str, str]) -> int:
+    r = subprocess.run(["sbatch", "--parsable", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert r.returncode == 0, f"sbatch {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"
+    return int(r.stdout.strip().split(";")[0])
+
+
+def job_info(job: int) -> dict[str, str]:
+    r = subprocess.run(["scontrol", "show", "job", "-o", str(job)], capture_output=True, text=True, timeout=30,
+                       check=False)
+    if r.returncode != 0:
+        return {}
+    info = {}
+    for tok in r.stdout.split():
+        if "=" in tok:
+            k, _, v = tok.partition("=")
+            info.setdefault(k, v)
+    return info
+
+
+def wait_for(job: int, pred, timeout: float, what: str, poll: float = 0.5) -> dict[str, str]:
+    """Poll ``scontrol show job`` until ``pred(info)``; on timeout cancel the job and fail with its state."""
+    deadline = time.monotonic() + timeout
+    info: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        info = job_info(job)
+        if info and pred(info):
+            return info
+        time.sleep(poll)
+    subprocess.run(["scancel", str(job)], capture_output=True, check=False)
+    raise AssertionError(f"job {job}: {what} not reached within {timeout:.0f} s; last state {info.get('JobState')} "
+                         f"reason {info.get('Reason')} (job cancelled)")
+
+
+def wait_done(job: int, timeout: float) -> dict[str, str]:
+    return wait_for(job, lambda i: i.get("JobState") in FINISHED, timeout, "a final state")
+
+
+def read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""

@@ -1,0 +1,99 @@
+"""The SLURM launch guard (lightning_modules/common/slurm.py) on fake Slurm environments: no cluster needed."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+from jsonargparse import Namespace
+
+from lightning_modules.common import slurm as guard
+
+BATCH_STEP = {"SLURM_JOB_ID": "42", "SLURM_JOB_NAME": "ctrlgen", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2",
+              "SLURM_NNODES": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+SRUN_STEP = {**BATCH_STEP, "SLURM_STEP_ID": "0", "SLURM_STEPID": "0"}
+
+
+def test_not_slurm_or_interactive_is_left_alone():
+    assert guard.launch_problems(devices=8, num_nodes=4, env={}) == []
+    assert guard.launch_problems(devices=1, env={**BATCH_STEP, "SLURM_JOB_NAME": "interactive"}) == []
+    assert guard.launch_problems(devices=1, env={**BATCH_STEP, "SLURM_JOB_NAME": "bash"}) == []
+    guard.check_launch(devices=3, env={})
+
+
+def test_multi_task_without_srun_is_refused():
+    with pytest.raises(guard.SlurmLaunchError, match="not started by `srun`") as e:
+        guard.check_launch(devices=2, num_nodes=1, env=BATCH_STEP)
+    assert "SLURM_NTASKS=2" in str(e.value) and "srun python -m lightning_modules.cli fit" in str(e.value)
+    for special in ("batch", "extern", str(0xFFFFFFFB)):  # non-srun step ids some Slurm versions export
+        assert not guard.started_by_srun({**BATCH_STEP, "SLURM_STEP_ID": special})
+    guard.check_launch(devices=2, num_nodes=1, env=SRUN_STEP)
+    guard.check_launch(devices=1, num_nodes=1, env={**BATCH_STEP, "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1"})
+
+
+@pytest.mark.parametrize("devices,ok", [(2, True), ("2", True), ([0, 1], True), ("0,1", True), ("auto", True),
+                                        (-1, True), (1, False), ("4", False), ([0], False)])
+def test_devices_must_equal_tasks_per_node(devices, ok):
+    problems = guard.launch_problems(devices=devices, num_nodes=1, env=SRUN_STEP)
+    assert (problems == []) == ok, problems
+    if not ok:
+        assert "--ntasks-per-node=2" in problems[0] and f"trainer.devices={devices}" in problems[0]
+
+
+def test_nodes_must_equal_num_nodes_and_ntasks_needs_per_node():
+    env = {**SRUN_STEP, "SLURM_NNODES": "2", "SLURM_NTASKS": "4"}
+    (p,) = guard.launch_problems(devices=2, num_nodes=1, env=env)
+    assert "--nodes=2" in p and "trainer.num_nodes=1" in p
+    assert guard.launch_problems(devices=2, num_nodes=2, env=env) == []
+    env = {k: v for k, v in SRUN_STEP.items() if k != "SLURM_NTASKS_PER_NODE"}
+    (p,) = guard.launch_problems(devices=2, num_nodes=1, env=env)
+    assert "without --ntasks-per-node" in p
+
+
+def test_trainer_config_forms_and_exit(capsys):
+    guard.check_trainer_config(Namespace(devices=2, num_nodes=1), env=SRUN_STEP)
+    guard.check_trainer_config({"devices": "auto"}, env=SRUN_STEP)
+    with pytest.raises(SystemExit) as e:
+        guard.guard_or_exit(Namespace(devices=1, num_nodes=1), env=SRUN_STEP)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ctrlgen SLURM launch guard: refusing to start (job 42, SLURM_PROCID=0)")
+    assert "Traceback" not in err
+
+
+def test_preflight(monkeypatch):
+    monkeypatch.setattr(guard.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert guard.preflight(BATCH_STEP) == []  # the batch step itself is fine: it is about to call srun
+    assert any("SLURM_JOB_ID unset" in p for p in guard.preflight({}))
+    assert any("!= --nodes=2 x --ntasks-per-node=2" in p
+               for p in guard.preflight({**BATCH_STEP, "SLURM_NNODES": "2", "SLURM_NTASKS": "3"}))
+    monkeypatch.setattr(guard.shutil, "which", lambda name: None if name == "scontrol" else f"/usr/bin/{name}")
+    (p,) = guard.preflight(BATCH_STEP)
+    assert "scontrol" in p and "requeue" in p
+
+
+def test_guarded_entry_refuses_after_parsing_before_building(monkeypatch, shapes_shards, tmp_path, capsys):
+    """``python -m lightning_modules.common.slurm fit ...``: the parsed trainer.devices is checked before any model."""
+    for k, v in SRUN_STEP.items():
+        monkeypatch.setenv(k, v)
+    built = []
+    from tests.helpers.tiny_module import TinyAEModule
+
+    orig = TinyAEModule.__init__
+
+    @functools.wraps(orig)  # jsonargparse still sees the real signature
+    def spy(self, *a, **k):
+        built.append(1)
+        orig(self, *a, **k)
+
+    monkeypatch.setattr(TinyAEModule, "__init__", spy)
+    with pytest.raises(SystemExit) as e:
+        guard.main(["fit", "-c", "tests/configs/tiny.yaml", f"--data.init_args.train_shards={shapes_shards['train']}",
+                    "--trainer.devices=1", f"--trainer.default_root_dir={tmp_path}"])
+    assert e.value.code == 2 and not built
+    assert "trainer.devices=1" in capsys.readouterr().err
+    monkeypatch.delenv("SLURM_STEP_ID")
+    monkeypatch.delenv("SLURM_STEPID")
+    with pytest.raises(SystemExit):  # batch step: refused before the config is even parsed
+        guard.main(["fit", "-c", "does-not-exist.yaml"])
+    assert "not started by `srun`" in capsys.readouterr().err
