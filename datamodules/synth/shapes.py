@@ -21,6 +21,33 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 
+SHADED = ("circle", "diamond")  # lit solids: colour × shade, shade ∈ [SHADE_MIN, 1]
+SHADE_MIN = 0.55
+MIN_GRAY_GAP = 64  # grey-level gap shape/background: ≥ 64 → a step edge clears cv2.Canny's 100/200 thresholds
+
+
+def _gray(c: np.ndarray) -> float:
+    return float(0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2])  # cv2.COLOR_RGB2GRAY weights
+
+
+def _visible(fg: np.ndarray, bg: np.ndarray, shaded: bool) -> bool:
+    """Colours differ (L1 ≥ 180) and the shape's grey level, over its whole shading range, stays ≥ MIN_GRAY_GAP
+    above or below the background's, so the canny condition of every sample has the shape's outline."""
+    if np.abs(fg.astype(int) - bg.astype(int)).sum() < 180:
+        return False
+    g_bg, hi = _gray(bg), _gray(fg)
+    lo = hi * (SHADE_MIN if shaded else 1.0)
+    return lo - g_bg >= MIN_GRAY_GAP or g_bg - hi >= MIN_GRAY_GAP
+
+
+def _colours(rng: np.random.Generator, shaded: bool) -> tuple[np.ndarray, np.ndarray]:
+    bg = rng.integers(0, 256, 3)
+    fg = rng.integers(0, 256, 3)
+    while not _visible(fg, bg, shaded):  # keep the shape (and its canny outline) visible
+        fg = rng.integers(0, 256, 3)
+    return bg, fg
+
+
 def _rot(theta: float) -> np.ndarray:
     c, s = np.cos(theta), np.sin(theta)
     return np.array([[c, -s], [s, c]])
@@ -30,10 +57,7 @@ def render(seed: int, split: str, index: int, size: int = 64) -> dict[str, Any]:
     """Render one sample: image (H,W,3) uint8, label, inverse depth (H,W) float in [0,1], normals (H,W,3) in [-1,1]."""
     rng = np.random.default_rng([seed, SPLIT_IDS.get(split, 3), index])
     label = int(rng.integers(len(SHAPES)))
-    bg = rng.integers(0, 256, 3)
-    fg = rng.integers(0, 256, 3)
-    while np.abs(fg.astype(int) - bg.astype(int)).sum() < 180:  # keep the shape visible against the background
-        fg = rng.integers(0, 256, 3)
+    bg, fg = _colours(rng, SHAPES[label] in SHADED)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     u, v = (xx + 0.5) / size * 2 - 1, (yy + 0.5) / size * 2 - 1  # [-1, 1], v grows downwards
     tilt = rng.uniform(0.2, 0.6)
@@ -54,7 +78,7 @@ def render(seed: int, split: str, index: int, size: int = 64) -> dict[str, Any]:
         n = np.stack([u - cx, v - cy, h], -1)  # sphere normal in image axes
         n /= np.linalg.norm(n, axis=-1, keepdims=True) + 1e-9
         obj_depth, obj_normal = z0 - h, n
-        shade = 0.55 + 0.45 * np.clip(n @ np.array([-0.4, -0.5, 0.77]), 0, 1)
+        shade = SHADE_MIN + (1 - SHADE_MIN) * np.clip(n @ np.array([-0.4, -0.5, 0.77]), 0, 1)
     elif name == "square":
         mask = (np.abs(p[..., 0]) < radius * 0.8) & (np.abs(p[..., 1]) < radius * 0.8)
         obj_depth, obj_normal = np.full_like(u, z0), np.broadcast_to([0.0, 0.0, 1.0], (size, size, 3))
@@ -71,7 +95,7 @@ def render(seed: int, split: str, index: int, size: int = 64) -> dict[str, Any]:
         g = np.stack([gx, gy], -1) @ _rot(theta).T  # back to image axes
         n = np.concatenate([g, np.ones_like(gx)[..., None]], -1)
         obj_normal = n / np.linalg.norm(n, axis=-1, keepdims=True)
-        shade = 0.55 + 0.45 * np.clip(obj_normal @ np.array([-0.4, -0.5, 0.77]), 0, 1)
+        shade = SHADE_MIN + (1 - SHADE_MIN) * np.clip(obj_normal @ np.array([-0.4, -0.5, 0.77]), 0, 1)
     img = np.broadcast_to(bg, (size, size, 3)).astype(np.float64).copy()
     img[mask] = fg * shade[mask][:, None]
     depth = np.where(mask, obj_depth, depth)
