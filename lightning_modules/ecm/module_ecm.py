@@ -42,6 +42,7 @@ class ECMModule(VARBase):
         self.control = ECMControlNet(self.var, num_condition_types=len(self.condition_types), **(control or {}))
         self.finetune_base = finetune_base
         self.frozen_prefixes = ("vqvae.",) if finetune_base else ("vqvae.", "var.")
+        self.var.cond_drop_rate = 0.0  # class dropout is applied once, by the control net (which copied the rate)
         if not finetune_base:
             self.var.requires_grad_(False).eval()
             if var_weights is None:

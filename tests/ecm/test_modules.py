@@ -69,6 +69,7 @@ def test_full_finetune_baseline_trains_the_var(shapes_shards, tmp_path, bases):
     cli = CtrlgenCLI(args=["fit", *_ecm_args(shapes_shards, tmp_path, bases, steps=2,
                                              extra=["--model.init_args.finetune_base=true"])])
     m = cli.model
+    assert m.var.cond_drop_rate == 0.0 and m.control.cond_drop_rate == 0.1  # class dropout once, not twice
     changed = [k for k, v in bases["var_model"].var.state_dict().items() if not torch.equal(v, m.var.state_dict()[k])]
     assert changed, "full fine-tune left the VAR untouched"
     sd = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

@@ -1,0 +1,176 @@
+"""``ctrlgen data tokenize`` (lightning_modules/ecm/tokenize.py; ecm.md §5): codes = img_to_idx of the stored crop,
+pretokenised batches carry ``codes`` (B, L), and the training loss on pretokenised batches equals the loss with
+on-the-fly tokenisation of the same crop (VARModule and ECMModule)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from datamodules.ecm import ECMDataModule, resize_crop, to_signed
+from datamodules.shards import (
+    decode_image,
+    encode_jpg,
+    encode_png,
+    iter_samples,
+    write_shards,
+)
+from lightning_modules.ecm.tokenize import tokenize_cli, vqvae_args_from_config
+from lightning_modules.ecm.vqvae import build_vqvae
+
+SIZE, N_PER_SHARD = 32, 8
+L_TINY = 1 + 4 + 9 + 16 + 36 + 64  # TINY_PATCH_NUMS (1, 2, 3, 4, 6, 8)
+CONTROL = {"patch": 4, "width": 32, "vit_depth": 1, "vit_heads": 2, "every": 2, "offset": 1, "cond_drop_rate": 0.0}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """demo32 VQVAE saved as a VQVAEModule-style .ckpt, 2 shapes shards + 1 shard of non-square/corrupt samples,
+    tokenised once."""
+    from datamodules.synth import synth
+
+    d = tmp_path_factory.mktemp("tok")
+    synth("shapes", d / "src", n_train=2 * N_PER_SHARD, n_val=0, n_test=0, size=SIZE, shard_size=N_PER_SHARD)
+    # shard 2: non-square images (crop + map crop), one corrupt jpg, one map of the wrong size
+    rng = np.random.default_rng(0)
+    odd = []
+    for i in range(4):
+        img = rng.integers(0, 256, (SIZE, SIZE + 16, 3), dtype=np.uint8)
+        canny = (rng.random((SIZE, SIZE + 16)) > 0.8).astype(np.uint8) * 255
+        odd.append({"__key__": f"odd_{i}", "jpg": encode_jpg(img), "cls": i % 4, "canny.png": encode_png(canny),
+                    "json": {"i": i}})
+    odd.append({"__key__": "bad_jpg", "jpg": b"not a jpeg", "cls": 0, "canny.png": encode_png(canny)})
+    odd.append({"__key__": "bad_map", "jpg": encode_jpg(img), "cls": 0, "canny.png": encode_png(canny[:8])})
+    (written,) = write_shards(odd, str(d / "odd-%06d.tar"), maxcount=100)
+    Path(written).rename(d / "src" / "train-000002.tar")
+
+    torch.manual_seed(0)
+    vq = build_vqvae("demo32")
+    with torch.no_grad():
+        vq.quantize.embedding.weight.normal_()  # spread codebook → varied codes from a random encoder
+    ckpt = d / "vqvae.ckpt"
+    torch.save({"state_dict": {f"vqvae.{k}": v for k, v in vq.state_dict().items()}}, ckpt)
+    cfg = d / "vq.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"class_path": "lightning_modules.ecm.VQVAEModule",
+                                             "init_args": {"preset": "demo32"}}}))
+    summary = tokenize_cli(str(d / "src" / "train-{000000..000002}.tar"), str(d / "out"), str(cfg), str(ckpt),
+                           batch_size=N_PER_SHARD, num_workers=0, progress=False)
+    return {"dir": d, "vq": vq.eval(), "ckpt": str(ckpt), "summary": summary,
+            "out": str(d / "out" / "train-{000000..000001}.tar")}
+
+
+def _samples(path):
+    return list(iter_samples(str(path)))
+
+
+def test_codes_equal_img_to_idx_of_the_stored_crop(setup):
+    d, vq, s = setup["dir"], setup["vq"], setup["summary"]
+    assert s["samples"] == 2 * N_PER_SHARD + 4 and s["skipped"] == 2
+    assert s["samples_per_shard"] == [N_PER_SHARD, N_PER_SHARD, 4]
+    assert set(s["skipped_by_reason"]) == {"UnidentifiedImageError", "ValueError"}
+    assert json.loads((d / "out" / "tokenize.json").read_text())["codes_dtype"] == "uint16"
+    for k in range(3):
+        src, out = _samples(d / "src" / f"train-{k:06d}.tar"), _samples(d / "out" / f"train-{k:06d}.tar")
+        src = {r["__key__"]: r for r in src}
+        pix = np.stack([decode_image(r["jpg"]) for r in out])
+        assert pix.shape[1:] == (SIZE, SIZE, 3)
+        ref = torch.cat(vq.img_to_idx(torch.from_numpy(np.stack([to_signed(p) for p in pix]))), 1)
+        codes = np.stack([np.load(io.BytesIO(r["vq.npy"])) for r in out])
+        assert codes.dtype == np.uint16 and codes.shape == (len(out), L_TINY)
+        assert torch.equal(torch.from_numpy(codes.astype(np.int64)), ref)
+        assert len(np.unique(codes)) > 20
+        for r in out:
+            orig = src[r["__key__"]]
+            assert set(orig) - {"__url__", "__local_path__"} <= set(r) and "vq.npy" in r
+            for key in ("cls", "json", "depth.png", "normal.png"):
+                if key in orig:
+                    assert r[key] == orig[key]  # non-image keys and untouched samples: byte-identical
+            if k < 2:  # already 32 px: original bytes kept
+                assert r["jpg"] == orig["jpg"] and r["canny.png"] == orig["canny.png"]
+            else:  # cropped: the canny map is the same centre crop of the original map
+                canny = np.asarray(Image.open(io.BytesIO(orig["canny.png"])))
+                img = decode_image(orig["jpg"])
+                want = resize_crop([img, canny], SIZE, None)[1]
+                got = np.asarray(Image.open(io.BytesIO(r["canny.png"])))
+                assert got.shape == (SIZE, SIZE) and np.array_equal(got, want)
+
+
+def test_config_variants():
+    assert vqvae_args_from_config({"model": {"class_path": "lightning_modules.ecm.ECMModule", "init_args": {
+        "vqvae_preset": "demo32", "vqvae_weights": "a.ckpt", "var_weights": "b.ckpt"}}})["weights"] == "a.ckpt"
+    a = vqvae_args_from_config({"model": {"init_args": {"preset": "tiny", "weights": "v.pth",
+                                                        "vqvae_overrides": {"beta": 0.5}}}})
+    assert (a["preset"], a["weights"], a["overrides"]) == ("tiny", "v.pth", {"beta": 0.5})
+    assert vqvae_args_from_config({"model": {"class_path": "x.VARModule"}})["preset"] == "vae_ch160v4096z32"
+
+
+def _batches(out, pretokenized):
+    dm = ECMDataModule(val_shards=out, pretokenized=pretokenized, resolution=SIZE, batch_size=N_PER_SHARD,
+                       num_workers=0, condition_types=["canny"])
+    dm.setup("validate")
+    return list(dm.val_dataloader())
+
+
+def _set_eval(module):
+    module.eval()
+    return module
+
+
+def test_pretokenized_batches_and_equal_loss(setup):
+    from lightning_modules.ecm import ECMModule, VARModule
+
+    batches = _batches(setup["out"], True)
+    assert len(batches) == 2
+    for b in batches:
+        assert b["codes"].shape == (N_PER_SHARD, L_TINY) and b["codes"].dtype == torch.int64
+    common = {"var_preset": "tiny", "vqvae_preset": "demo32", "vqvae_weights": setup["ckpt"],
+              "var_overrides": {"cond_drop_rate": 0.0, "embed_dim": 64, "num_heads": 2, "depth": 2}}
+    torch.manual_seed(0)
+    var_m = _set_eval(VARModule(**common))
+    torch.manual_seed(0)
+    ecm_m = _set_eval(ECMModule(**common, control=CONTROL, eval_base=False))
+    with torch.no_grad():
+        ecm_m.control.gates.fill_(0.5)  # control actually changes the logits
+        ecm_m.control.gate_in.fill_(0.5)
+    b = batches[1]
+    fly = {k: v for k, v in b.items() if k != "codes"}
+    assert torch.equal(torch.cat(var_m.tokens(fly), 1), b["codes"])
+    for m in (var_m, ecm_m):
+        with torch.no_grad():
+            pre, otf = m.model_step(b, "train"), m.model_step(fly, "train")
+        assert torch.isfinite(pre["loss"]) and torch.equal(pre["loss"], otf["loss"])
+    # the controlled loss differs from the uncontrolled one (the control path is live in this check)
+    with torch.no_grad():
+        ecm_m.control.gates.zero_()
+        ecm_m.control.gate_in.zero_()
+        base = ecm_m.model_step(b, "train")["loss"]
+        assert not torch.equal(base, pre["loss"])
+
+
+def test_refuses_random_weights_and_overwriting_inputs(setup, tmp_path):
+    d = setup["dir"]
+    cfg = {"model": {"init_args": {"preset": "demo32"}}}
+    with pytest.raises(ValueError, match="no VQVAE weights"):
+        tokenize_cli(str(d / "src" / "train-000000.tar"), str(tmp_path / "o"), cfg, None, progress=False, num_workers=0)
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        tokenize_cli(str(d / "src" / "train-000000.tar"), str(d / "src"), cfg, setup["ckpt"], progress=False,
+                     num_workers=0)
+
+
+def test_worker_path_and_pattern_output(setup, tmp_path):
+    """One DataLoader worker, ``%``-pattern output, another batch size: same codes as the in-process run."""
+    d = setup["dir"]
+    s = tokenize_cli(str(d / "src" / "train-000001.tar"), str(tmp_path / "p-%03d.tar"),
+                     {"model": {"init_args": {"vqvae_preset": "demo32"}}}, setup["ckpt"], batch_size=5,
+                     num_workers=1, progress=False)
+    assert s["samples"] == N_PER_SHARD and s["skipped"] == 0
+    a, b = _samples(tmp_path / "p-000.tar"), _samples(d / "out" / "train-000001.tar")
+    assert [r["__key__"] for r in a] == [r["__key__"] for r in b]
+    assert [r["vq.npy"] for r in a] == [r["vq.npy"] for r in b]
