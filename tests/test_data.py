@@ -95,11 +95,13 @@ def _faulty_shards(tmp_path: Path) -> str:
     write_shards(good[:8], str(tmp_path / "f0-%06d.tar"), maxcount=100)
     write_shards(good[8:], str(tmp_path / "f1-%06d.tar"), maxcount=100)
     p = tmp_path / "f1-000000.tar"
+    with tarfile.open(p) as tf:
+        member = tf.getmembers()[7]  # cut inside this member's data: a truncated tar, mid-file
     data = p.read_bytes()
-    p.write_bytes(data[: len(data) // 2 + 100])  # truncated tar
-    with pytest.raises(tarfile.ReadError):
-        with tarfile.open(p) as tf:
-            tf.getmembers()
+    p.write_bytes(data[: member.offset_data + member.size // 2])
+    with tarfile.open(p) as tf, pytest.raises(tarfile.ReadError):
+        for m in tf.getmembers():
+            tf.extractfile(m).read()
     return f"{tmp_path}/f0-000000.tar::{tmp_path}/f1-000000.tar"
 
 

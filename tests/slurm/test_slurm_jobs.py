@@ -18,6 +18,7 @@ import json
 import re
 import shlex
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -129,6 +130,13 @@ def test_requeue_resumes_exactly(slurm_cluster, shapes_shards, tmp_path):
                     "requeued and PENDING")
     assert info.get("Reason") == "BeginTime", info  # Slurm holds a requeued job ~120 s
     assert (run / "hpc_ckpt_1.ckpt").exists(), sorted(p.name for p in run.iterdir())
+    # Slurm would hold the job ~120 s; releasing it at once, wait until the first attempt's ranks (and the W&B
+    # service they own, which keeps the run id "in use") have exited, as they would have on a real cluster.
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and subprocess.run(["pgrep", "-f", f"ct-requeue-{job}"],
+                                                         capture_output=True).returncode == 0:
+        time.sleep(1)
+    time.sleep(5)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
     info = wait_done(job, 240)
     log = read(logf)
