@@ -44,7 +44,7 @@ def run_demo(out: Path, fast: bool = False, steps: dict[str, int] | None = None)
     from datamodules.synth import synth
 
     console = Console()
-    steps = {"vqvae": 500, "var": 800, "ecm": 500, "fullft": 500, **(steps or {})}
+    steps = {"vqvae": 300, "var": 400, "ecm": 300, "fullft": 150, **(steps or {})}  # ~15 min on 2 cores
     out = Path(out)
     shards = out / "shards"
     t0 = time.perf_counter()
