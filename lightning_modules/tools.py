@@ -76,11 +76,21 @@ def demo_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="ctrlgen demo", description="end-to-end CPU demos on synthetic worlds")
     p.add_argument("method", choices=["ecm"])
     p.add_argument("--out", default="demo_runs/ecm")
-    p.add_argument("--fast", action="store_true", help="a smaller, quicker run (for tests)")
+    p.add_argument("--fast", action="store_true", help="a tenth of the steps and a quarter of the data (smoke run)")
+    p.add_argument("--steps", default="", metavar="STAGE=N,...",
+                   help="override steps per stage, e.g. vqvae=600,var=800 (stages: vqvae, var, ecm, fullft)")
+    p.add_argument("--sequential", action="store_true",
+                   help="run the full-fine-tune branch after the ECM branch instead of in a parallel process")
     args = p.parse_args(argv)
-    from lightning_modules.ecm.demo import run_demo
+    from lightning_modules.ecm.demo import DEFAULT_STEPS, run_demo
 
-    run_demo(Path(args.out), fast=args.fast)
+    steps: dict[str, int] = {}
+    for item in filter(None, args.steps.split(",")):
+        name, _, n = item.partition("=")
+        if name not in DEFAULT_STEPS or not n.isdigit() or int(n) < 1:
+            p.error(f"--steps: bad item {item!r}; expected STAGE=N with STAGE in {sorted(DEFAULT_STEPS)} and N >= 1")
+        steps[name] = int(n)
+    run_demo(Path(args.out), fast=args.fast, steps=steps, parallel=not args.sequential)
 
 
 def main(argv: list[str]) -> None:

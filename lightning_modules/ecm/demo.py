@@ -3,28 +3,73 @@
 Stages, each a real ``ctrlgen fit``/``test`` run with its own checkpoint, sample grids and (offline) W&B run:
 shards → VQVAE → VAR (class-conditional) → ECM canny adapters on the frozen VAR → the full-fine-tune baseline (same
 control net and data, VAR unfrozen, full sequences) → ``test`` of both: canny F1 of controlled samples vs the same base
-sampled without control (same seeds). Prints a summary table and writes ``<out>/results.md``.
+sampled without control (same seeds). Prints a summary table and writes ``<out>/results.md`` and ``<out>/summary.json``.
+
+Sized for 2 shared CPU cores (docs/results.md): one intra-op thread per process, and the ECM and full-fine-tune
+branches (fit + test each; both need only the VAR) run in two processes side by side.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from rich.console import Console
 from rich.table import Table
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "ecm"
 SIZE = 32
+# Steps per stage (`--fast`: a tenth). Sized for ≤ 15 min in total on 2 CPU cores (docs/results.md has a measured run).
+DEFAULT_STEPS = {"vqvae": 300, "var": 400, "ecm": 300, "fullft": 300}
+
+
+class StepTimer(L.Callback):
+    """Mean wall time of the optimisation steps (batch start → end, i.e. after the optimiser step) without the first
+    ``warmup_steps``, data loading, validation and start-up: the "train s/step" of the summary table."""
+
+    def __init__(self, warmup_steps: int = 3) -> None:
+        self.warmup_steps = warmup_steps
+        self.total, self.count = 0.0, 0
+        self._t0: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._t0 is not None and trainer.global_step > self.warmup_steps:
+            self.total += time.perf_counter() - self._t0
+            self.count += 1
+
+    @property
+    def mean_s(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+
+def _step_time(cli) -> float | None:
+    return next((cb.mean_s for cb in cli.trainer.callbacks if isinstance(cb, StepTimer)), None)
 
 
 def _cli(args: list[str]):
     from lightning_modules.cli import CtrlgenCLI, configure_wandb_mode
 
     configure_wandb_mode()
-    return CtrlgenCLI(args=args)
+    try:
+        return CtrlgenCLI(args=args)
+    finally:
+        _finish_wandb()
+
+
+def _finish_wandb() -> None:
+    """Close the stage's W&B run, so that the next stage gets its own run instead of logging into this one."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 def _data_args(shards: Path, test: bool = False) -> list[str]:
@@ -36,15 +81,67 @@ def _data_args(shards: Path, test: bool = False) -> list[str]:
 def _steps(n: int, fast: bool) -> list[str]:
     n = max(4, n // 10) if fast else n
     return [f"--trainer.max_steps={n}", f"--trainer.val_check_interval={n}",
-            f"--data.init_args.train_batches_per_epoch={n}"]
+            f"--data.init_args.train_batches_per_epoch={n}", "--trainer.callbacks+=lightning_modules.ecm.demo.StepTimer"]
 
 
-def run_demo(out: Path, fast: bool = False, steps: dict[str, int] | None = None) -> dict[str, Any]:
-    """Run every stage into ``out``; returns the summary (also in ``out/summary.json``)."""
+def _threads() -> int:
+    """Intra-op threads per process (``CTRLGEN_DEMO_THREADS``, default 1). On the shared 2-core box two OpenMP threads
+    per process made these tiny models ~10× slower (the threads wait for each other at every op while other jobs hold
+    a core); the demo uses the second core by running the full fine-tune in a parallel process instead."""
+    return max(1, int(os.environ.get("CTRLGEN_DEMO_THREADS", "1")))
+
+
+def _fit(out: Path, name: str, config: str, n: int, fast: bool, extra: list[str]) -> tuple[Any, float]:
+    t = time.perf_counter()
+    cli = _cli(["fit", "-c", str(CONFIGS / config), f"--trainer.default_root_dir={out / name}",
+                *_data_args(out / "shards"), *_steps(n, fast), *extra])
+    return cli, time.perf_counter() - t
+
+
+def _test(out: Path, name: str, fit_cli: Any, fit_s: float, bases: list[str]) -> tuple[dict[str, float], float]:
+    t = time.perf_counter()
+    tested = _cli(["test", "-c", str(CONFIGS / "demo_ecm.yaml"), f"--trainer.default_root_dir={out / name}-test",
+                   *_data_args(out / "shards", test=True), *bases,
+                   f"--model.init_args.finetune_base={'true' if name == 'fullft' else 'false'}",
+                   f"--ckpt_path={out / name / 'checkpoints' / 'last.ckpt'}"])
+    m = {k: float(v) for k, v in tested.trainer.callback_metrics.items() if k.startswith("test/")}
+    m["trainable_params"] = float(sum(p.numel() for p in fit_cli.model.parameters() if p.requires_grad))
+    step_s = _step_time(fit_cli)
+    m["train_s_per_step"] = step_s if step_s is not None else fit_s / max(1, fit_cli.trainer.global_step)
+    m["train_steps"] = float(fit_cli.trainer.global_step)
+    return m, time.perf_counter() - t
+
+
+def _fit_and_test(out: Path, name: str, n: int, fast: bool, bases: list[str], extra: list[str]) -> dict[str, Any]:
+    cli, fit_s = _fit(out, name, "demo_ecm.yaml", n, fast, bases + extra)
+    metrics, test_s = _test(out, name, cli, fit_s, bases)
+    return {"metrics": metrics, "fit_s": fit_s, "test_s": test_s}
+
+
+def _child(spec_json: str) -> None:
+    """The full-fine-tune branch (fit + test) in its own process, started by :func:`run_demo`; writes its metrics and
+    times to ``spec["result"]``."""
+    import torch
+
+    spec = json.loads(spec_json)
+    torch.set_num_threads(_threads())
+    res = _fit_and_test(Path(spec["out"]), spec["name"], spec["n"], spec["fast"], spec["bases"], spec["extra"])
+    Path(spec["result"]).write_text(json.dumps(res))
+
+
+def run_demo(out: Path, fast: bool = False, steps: dict[str, int] | None = None,
+             parallel: bool = True) -> dict[str, Any]:
+    """Run every stage into ``out``; returns the summary (also in ``out/summary.json``).
+
+    Every process uses ``_threads()`` intra-op threads. With ``parallel`` the full-fine-tune branch (fit + test) runs
+    in a second process while this one runs the ECM branch; its console output goes to ``out/fullft.log``."""
+    import torch
+
     from datamodules.synth import synth
 
     console = Console()
-    steps = {"vqvae": 300, "var": 400, "ecm": 300, "fullft": 150, **(steps or {})}  # ~15 min on 2 cores
+    torch.set_num_threads(_threads())
+    steps = {**DEFAULT_STEPS, **(steps or {})}
     out = Path(out)
     shards = out / "shards"
     t0 = time.perf_counter()
@@ -56,38 +153,61 @@ def run_demo(out: Path, fast: bool = False, steps: dict[str, int] | None = None)
               shard_size=n_train // 8)
     timings["shards"] = time.perf_counter() - t0
 
-    def stage(name: str, config: str, extra: list[str]):
-        t = time.perf_counter()
-        console.rule(f"stage: {name}")
-        cli = _cli(["fit", "-c", str(CONFIGS / config), f"--trainer.default_root_dir={out / name}",
-                    *_data_args(shards), *_steps(steps[name], fast), *extra])
-        timings[name] = time.perf_counter() - t
-        return cli
-
-    stage("vqvae", "demo_vqvae.yaml", [])
+    step_s: dict[str, float | None] = {}
+    console.rule("stage: vqvae")
+    cli, timings["vqvae"] = _fit(out, "vqvae", "demo_vqvae.yaml", steps["vqvae"], fast, [])
+    step_s["vqvae"] = _step_time(cli)
     vq_ckpt = out / "vqvae" / "checkpoints" / "last.ckpt"
-    stage("var", "demo_var.yaml", [f"--model.init_args.vqvae_weights={vq_ckpt}"])
+    console.rule("stage: var")
+    cli, timings["var"] = _fit(out, "var", "demo_var.yaml", steps["var"], fast,
+                               [f"--model.init_args.vqvae_weights={vq_ckpt}"])
+    step_s["var"] = _step_time(cli)
+    del cli
     var_ckpt = out / "var" / "checkpoints" / "last.ckpt"
     bases = [f"--model.init_args.vqvae_weights={vq_ckpt}", f"--model.init_args.var_weights={var_ckpt}"]
-    ecm = stage("ecm", "demo_ecm.yaml", bases)
-    ft = stage("fullft", "demo_ecm.yaml", bases + ["--model.init_args.finetune_base=true"])
+    ft_extra = ["--model.init_args.finetune_base=true"]
+
+    t = time.perf_counter()
+    child = None
+    if parallel:
+        result = out / "fullft.result.json"
+        result.unlink(missing_ok=True)
+        spec = {"out": str(out), "name": "fullft", "n": steps["fullft"], "fast": fast, "bases": bases,
+                "extra": ft_extra, "result": str(result)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(_threads())}
+        code = "import sys; from lightning_modules.ecm.demo import _child; _child(sys.argv[1])"
+        log = open(out / "fullft.log", "w")  # noqa: SIM115 (closed once the child has ended)
+        child = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], stdout=log, stderr=subprocess.STDOUT,
+                                 env=env)
+        console.rule(f"stage: ecm (fit + test; the full fine-tune runs in parallel, log {out / 'fullft.log'})")
+    else:
+        console.rule("stage: ecm (fit + test)")
+    branches = {"ecm": _fit_and_test(out, "ecm", steps["ecm"], fast, bases, [])}
+    if child is not None:
+        console.rule("waiting for the full fine-tune branch")
+        rc = child.wait()
+        log.close()
+        if rc != 0 or not result.exists():
+            tail = (out / "fullft.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"full fine-tune branch failed (exit {rc}); end of {out / 'fullft.log'}:\n{tail}")
+        branches["fullft"] = json.loads(result.read_text())
+    else:
+        console.rule("stage: fullft (fit + test)")
+        branches["fullft"] = _fit_and_test(out, "fullft", steps["fullft"], fast, bases, ft_extra)
+    timings["ecm_and_fullft_branches"] = time.perf_counter() - t
 
     results: dict[str, dict[str, float]] = {}
-    for name, cli in (("ecm", ecm), ("fullft", ft)):
-        t = time.perf_counter()
-        console.rule(f"test: {name}")
-        tested = _cli(["test", "-c", str(CONFIGS / "demo_ecm.yaml"), f"--trainer.default_root_dir={out / name}-test",
-                       *_data_args(shards, test=True), *bases,
-                       f"--model.init_args.finetune_base={'true' if name == 'fullft' else 'false'}",
-                       f"--ckpt_path={out / name / 'checkpoints' / 'last.ckpt'}"])
-        m = {k: float(v) for k, v in tested.trainer.callback_metrics.items() if k.startswith("test/")}
-        m["trainable_params"] = float(sum(p.numel() for p in cli.model.parameters() if p.requires_grad))
-        m["train_s_per_step"] = timings[name] / max(1, cli.trainer.global_step)
-        results[name] = m
-        timings[f"test_{name}"] = time.perf_counter() - t
+    for name, b in branches.items():
+        timings[name], timings[f"test_{name}"] = b["fit_s"], b["test_s"]
+        results[name] = b["metrics"]
+        step_s[name] = b["metrics"]["train_s_per_step"]
     total = time.perf_counter() - t0
     summary = {"results": results, "timings_s": timings, "total_s": total, "fast": fast, "steps": steps,
-               "margin_f1_ecm_vs_base": results["ecm"]["test/canny_f1"] - results["ecm"]["test/canny_f1_base"]}
+               "train_s_per_step": step_s, "threads_per_process": _threads(), "parallel_branches": parallel,
+               "margin_f1_ecm_vs_base": results["ecm"]["test/canny_f1"] - results["ecm"]["test/canny_f1_base"],
+               "margin_f1_ecm_vs_base_sem": results["ecm"].get("test/canny_f1_margin_sem"),
+               "ratio_train_s_per_step_ecm_vs_fullft": results["ecm"]["train_s_per_step"]
+               / results["fullft"]["train_s_per_step"]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _print_and_write(console, summary, out)
     return summary
@@ -95,20 +215,27 @@ def run_demo(out: Path, fast: bool = False, steps: dict[str, int] | None = None)
 
 def _print_and_write(console: Console, s: dict[str, Any], out: Path) -> None:
     table = Table(title=f"ECM demo: canny F1 on {out}/shards/test (higher = follows the condition)")
-    for col in ("model", "canny F1 (controlled)", "canny F1 (same base, no control)", "trainable params",
-                "train s/step"):
+    for col in ("model", "canny F1 (controlled)", "canny F1 (same base, no control)", "paired margin ± SEM",
+                "trainable params", "train s/step"):
         table.add_column(col)
-    lines = ["| model | canny F1 controlled | canny F1 base, no control | trainable params | train s/step |",
-             "|---|---|---|---|---|"]
+    lines = [("| model | canny F1 controlled | canny F1 base, no control | paired margin ± SEM | trainable params | "
+              "train s/step |"), "|---|---|---|---|---|---|"]
     for name, label in (("ecm", "ECM (frozen VAR + adapters)"), ("fullft", "full fine-tune baseline")):
         m = s["results"][name]
-        row = [label, f"{m['test/canny_f1']:.4f}", f"{m['test/canny_f1_base']:.4f}", f"{int(m['trainable_params']):,}",
-               f"{m['train_s_per_step']:.3f}"]
+        margin = f"{m['test/canny_f1'] - m['test/canny_f1_base']:+.4f}"
+        if m.get("test/canny_f1_margin_sem") is not None:
+            margin += f" ± {m['test/canny_f1_margin_sem']:.4f}"
+        row = [label, f"{m['test/canny_f1']:.4f}", f"{m['test/canny_f1_base']:.4f}", margin,
+               f"{int(m['trainable_params']):,}", f"{m['train_s_per_step']:.3f}"]
         table.add_row(*row)
         lines.append("| " + " | ".join(row) + " |")
     console.print(table)
-    console.print(f"F1 margin ECM vs uncontrolled base: {s['margin_f1_ecm_vs_base']:+.4f}; total {s['total_s']:.0f} s; "
-                  f"stage times {', '.join(f'{k} {v:.0f}s' for k, v in s['timings_s'].items())}")
+    stages = ", ".join(f"{k} {v:.0f}s" for k, v in s["timings_s"].items())
+    ratio = s["ratio_train_s_per_step_ecm_vs_fullft"]
+    sem = s.get("margin_f1_ecm_vs_base_sem")
+    margin = f"{s['margin_f1_ecm_vs_base']:+.4f}" + (f" ± {sem:.4f} (SEM, paired per test image)" if sem else "")
+    console.print(f"F1 margin ECM vs uncontrolled base: {margin}; ECM/full-FT train s/step "
+                  f"{ratio:.2f}; total {s['total_s']:.0f} s; stage times {stages}")
     console.print(f"checkpoints, sample grids (samples/*.png) and offline W&B runs under {out}/<stage>/")
-    (out / "results.md").write_text("\n".join(lines) + f"\n\nmargin {s['margin_f1_ecm_vs_base']:+.4f}, "
-                                    f"total {s['total_s']:.0f} s\n")
+    (out / "results.md").write_text("\n".join(lines) + f"\n\nmargin {margin}, ECM/full-FT "
+                                    f"train s/step {ratio:.2f}, total {s['total_s']:.0f} s ({stages})\n")

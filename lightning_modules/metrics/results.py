@@ -66,6 +66,12 @@ METRIC_DEFINITIONS: dict[str, dict[str, Any]] = {
         "reference": "",
         "higher_is_better": True,
     },
+    "canny_f1_margin": {
+        "definition": "mean over test images of canny F1 (controlled sample) - canny F1 (the same base without "
+                      "control, same seed): paired; canny_f1_margin_sem is its standard error (sample std / sqrt(n))",
+        "reference": "",
+        "higher_is_better": True,
+    },
     "depth_rmse": {
         "definition": "per-image RMSE on the 0-255 scale between the estimator's depth of the output (divided by its "
                       "max, 8-bit) and the condition depth (min-max to 0-255), averaged (ControlNet++; lower is "

@@ -63,6 +63,10 @@ def test_ecm_test_reports_canny_f1_and_resumes_from_small_checkpoint(shapes_shar
                               f"--ckpt_path={ckpt}"])
     m = tested.trainer.callback_metrics
     assert 0.0 <= float(m["test/canny_f1"]) <= 1.0 and 0.0 <= float(m["test/canny_f1_base"]) <= 1.0
+    # paired margin over the same test images: mean of per-image differences = difference of the means
+    assert float(m["test/canny_f1_margin"]) == pytest.approx(float(m["test/canny_f1"]) - float(m["test/canny_f1_base"]),
+                                                             abs=1e-5)
+    assert float(m["test/canny_f1_margin_sem"]) >= 0.0
 
 
 def test_full_finetune_baseline_trains_the_var(shapes_shards, tmp_path, bases):

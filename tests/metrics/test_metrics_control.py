@@ -11,6 +11,7 @@ from lightning_modules.metrics.control import (
     CannyF1,
     DepthRMSE,
     GeometryDepth,
+    MeanSEM,
     TransformersDepthEstimator,
     binarize_edges,
     binary_f1_per_image,
@@ -100,6 +101,31 @@ def test_cannyf1_metric_accumulates_and_merges_like_ddp():
     r1.update(blurred[5:], cond[5:])
     r0.merge_state(r1)
     assert r0.compute().item() == pytest.approx(per.mean().item(), abs=1e-6)
+
+
+def test_mean_sem_matches_numpy_and_merges_like_ddp():
+    vals = np.random.default_rng(3).normal(0.1, 0.2, 37)
+    m = MeanSEM()
+    m.update(torch.from_numpy(vals[:20]))
+    r1 = MeanSEM()
+    r1.update(torch.from_numpy(vals[20:]).float())
+    m.merge_state(r1)  # what the sum reduction does across ranks
+    mean, sem = m.compute()
+    assert mean.item() == pytest.approx(vals.mean(), abs=1e-6)
+    assert sem.item() == pytest.approx(vals.std(ddof=1) / np.sqrt(len(vals)), rel=1e-5)
+    const = MeanSEM()
+    const.update(torch.full((5,), 0.25))
+    assert const.compute()[1].item() == pytest.approx(0.0, abs=1e-7)  # no spread, no error (never negative var)
+    with pytest.raises(RuntimeError, match="before any update"):
+        MeanSEM().compute()
+    # paired use: per-image F1 of two metric objects on the same conditions
+    imgs = _shapes_batch(6, seed=4)
+    cond = get_edge_extractor()(imgs)
+    a, b, d = CannyF1(), CannyF1(), MeanSEM()
+    a.update(imgs, cond)
+    b.update(_blur(imgs, 2.0), cond)
+    d.update(a.last_per_image - b.last_per_image)
+    assert d.compute()[0].item() == pytest.approx(a.compute().item() - b.compute().item(), abs=1e-6)
 
 
 def test_depth_rmse_identity_and_hand_computed():
