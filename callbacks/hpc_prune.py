@@ -23,12 +23,19 @@ of the job step, so forked DataLoader workers, which inherit Lightning's Python 
 their stale copy of the trainer, write ``hpc_ckpt_1.ckpt`` (global_step 0: the requeued run restarted from scratch) and
 run ``scontrol requeue`` themselves; and a save inside a handler can land mid-step or pair a barrier with another
 rank's all-reduce (lightning#21406). Here the handler only sets a flag (workers ignore it); at the next optimizer-step
-boundary all ranks agree (one all-reduce), save ``hpc_ckpt_{N+1}.ckpt`` together, rank 0 runs ``scontrol requeue``,
-and the fit stops: the resumed run continues at exactly the next step, nothing trained after the checkpoint is logged.
+boundary all ranks agree (one all-reduce), save ``hpc_ckpt_{N+1}.ckpt`` together and the fit stops: the resumed run
+continues at exactly the next step, nothing trained after the checkpoint is logged. Who requeues:
+
+- under ``slurm/train.sbatch`` (``CTRLGEN_REQUEUE_MARKER`` set): rank 0 writes that marker file and the batch script runs
+  ``scontrol requeue`` after ``srun`` has returned, i.e. after every rank has finished its teardown (W&B run finished,
+  DataLoader workers joined). Requeueing from inside the step instead makes Slurm kill the attempt mid-teardown, which
+  leaves an unfinished W&B run behind (seen on the local Slurm tier);
+- otherwise rank 0 runs ``scontrol requeue`` itself right after the save (Lightning's behaviour).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -46,6 +53,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 HPC_RE = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
 SHARDED_MARKERS = (".metadata", "meta.pt")  # torch.distributed.checkpoint metadata, Lightning's FSDP meta file
+REQUEUE_MARKER_ENV = "CTRLGEN_REQUEUE_MARKER"  # set by slurm/train.sbatch: requeue after srun returns
 
 
 def hpc_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -175,17 +183,21 @@ def slurm_job_id(env: dict | None = None) -> str | None:
 
 
 class SafeRequeue(Callback):
-    """SIGUSR1 (``--signal=SIGUSR1@90``) → HPC checkpoint at a step boundary on all ranks → ``scontrol requeue``.
+    """SIGUSR1 (``--signal=SIGUSR1@90``) → HPC checkpoint at a step boundary on all ranks → fit stops → requeue: by
+    the batch script when ``marker`` (default: env ``CTRLGEN_REQUEUE_MARKER``) names a file for rank 0 to write, else
+    ``scontrol requeue`` from rank 0 at once.
 
     Active only for ``fit`` under ``SLURMEnvironment`` with ``auto_requeue=True`` (Lightning's default there); installed
     in ``setup``, before Lightning registers its handlers, so Lightning keeps its SIGTERM handling but leaves SIGUSR1
     to this callback. ``every_n_steps`` > 1 checks the flag less often (one tiny all-reduce per check).
     """
 
-    def __init__(self, every_n_steps: int = 1) -> None:
+    def __init__(self, every_n_steps: int = 1, marker: str | None = None) -> None:
         if every_n_steps < 1:
             raise ValueError(f"SafeRequeue: every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps
+        # set: rank 0 writes this file and the batch script requeues once srun has returned (module docstring)
+        self.marker = marker if marker is not None else (os.environ.get(REQUEUE_MARKER_ENV) or None)
         self._pid: int | None = None
         self._signum: int | None = None
         self._previous: Any = None
@@ -233,8 +245,20 @@ class SafeRequeue(Callback):
         trainer.save_checkpoint(path)  # every rank, at the same point (a collective for sharded strategies)
         self.saved_path = str(path)
         if trainer.is_global_zero:
-            self._requeue()
+            if self.marker:
+                self._write_marker(str(path), trainer.global_step)
+            else:
+                self._requeue()
         trainer.should_stop = True  # no step past the checkpoint: the requeued run continues at global_step + 1
+
+    def _write_marker(self, ckpt: str, step: int) -> None:
+        marker = Path(self.marker)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(json.dumps({"job": slurm_job_id(), "checkpoint": ckpt, "global_step": step}))
+        os.replace(tmp, marker)  # the script never sees a half-written marker
+        rank_zero_info(f"SafeRequeue: checkpoint saved; the batch script requeues the job once all ranks have exited "
+                       f"(marker {marker})")
 
     @staticmethod
     def _requeue() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -162,9 +163,12 @@ def test_safe_requeue_ignores_forked_children_and_non_slurm():
         SafeRequeue(every_n_steps=0)
 
 
-def test_safe_requeue_saves_at_step_boundary_requeues_and_resumes_exactly(shapes_shards, tmp_path, monkeypatch):
-    """Under (fake) SLURM: SIGUSR1 during step 3 → hpc_ckpt_1 holds exactly step 3, `scontrol requeue <job>` is called
-    once, the fit stops there; the next fit resumes from it and trains steps 4..6 only."""
+@pytest.mark.parametrize("by_script", [False, True], ids=["scontrol", "marker"])
+def test_safe_requeue_saves_at_step_boundary_requeues_and_resumes_exactly(shapes_shards, tmp_path, monkeypatch,
+                                                                           by_script):
+    """Under (fake) SLURM: SIGUSR1 during step 3 → hpc_ckpt_1 holds exactly step 3, the fit stops there and either
+    `scontrol requeue <job>` is called once, or (under the template, ``CTRLGEN_REQUEUE_MARKER`` set) only the marker
+    file is written for the batch script; the next fit resumes from it and trains steps 4..6 only."""
     import lightning as L
 
     from lightning_modules.cli import CtrlgenCLI
@@ -178,6 +182,9 @@ def test_safe_requeue_saves_at_step_boundary_requeues_and_resumes_exactly(shapes
     monkeypatch.setattr(hpc.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
     for k, v in SLURM_ENV.items():
         monkeypatch.setenv(k, v)
+    marker = tmp_path / "markers" / ".requeue-4242"
+    if by_script:
+        monkeypatch.setenv(hpc.REQUEUE_MARKER_ENV, str(marker))
     monkeypatch.setattr("tests.test_hpc_prune.Signal", Signal, raising=False)  # importable by class path
 
     def fit(*extra):
@@ -187,10 +194,17 @@ def test_safe_requeue_saves_at_step_boundary_requeues_and_resumes_exactly(shapes
                                 "--trainer.callbacks+=callbacks.hpc_prune.SafeRequeue", *extra])
 
     first = fit("--trainer.callbacks+=tests.test_hpc_prune.Signal")
-    assert first.trainer.global_step == 3 and calls == [["scontrol", "requeue", "4242"]]
+    assert first.trainer.global_step == 3
     ckpt = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)
     assert ckpt["global_step"] == 3
+    if by_script:
+        assert calls == [] and json.loads(marker.read_text()) == {
+            "job": "4242", "checkpoint": str(tmp_path / "hpc_ckpt_1.ckpt"), "global_step": 3}
+        marker.unlink()  # what the batch script does before `scontrol requeue`
+    else:
+        assert calls == [["scontrol", "requeue", "4242"]] and not marker.exists()
     assert signal.getsignal(signal.SIGUSR1) is not None
     resumed = fit()
     assert Path(resumed.trainer.ckpt_path) == tmp_path / "hpc_ckpt_1.ckpt"
-    assert resumed.trainer.global_step == 6 and len(resumed.model.seen_noise) == 3 and len(calls) == 1
+    assert resumed.trainer.global_step == 6 and len(resumed.model.seen_noise) == 3
+    assert len(calls) == (0 if by_script else 1) and not marker.exists()  # no second requeue

@@ -41,7 +41,10 @@ def daemons_alive() -> dict[str, list[int]]:
 
 def job_env(**extra: str) -> dict[str, str]:
     """Environment a test job is submitted with (sbatch exports it): offline, 1 thread, the repo's interpreter."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PYTEST_", "SBATCH_", "SRUN_"))}
+    # not WANDB_SERVICE either: an earlier in-process W&B test left this pytest's wandb-core address there (the
+    # templates unset it too; test_requeue_resumes_exactly checks the template does)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "PYTEST_", "SBATCH_", "SRUN_")) and k != "WANDB_SERVICE"}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO), CTRLGEN_PYTHON=sys.executable, CTRLGEN_ACCELERATOR="cpu")
     env.update(extra)
