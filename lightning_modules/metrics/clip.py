@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_modules.common.local_files import require_pretrained_dir
+
 __all__ = [
     "CLIP_MODEL_DIR_ENV",
     "CLIPFeatureWrapper",
@@ -67,19 +69,8 @@ class CLIPFeatureWrapper(nn.Module):
 
 
 def _check_dir(model_dir: str | os.PathLike | None) -> Path:
-    if model_dir is None:
-        model_dir = os.environ.get(CLIP_MODEL_DIR_ENV)
-    if model_dir is None:
-        raise FileNotFoundError(f"no CLIP directory given and {CLIP_MODEL_DIR_ENV} is not set")
-    p = Path(model_dir).expanduser()
-    if not p.is_dir() or not (p / "config.json").is_file():
-        raise FileNotFoundError(
-            f"CLIP model directory {str(p)!r} not found or has no config.json: save a CLIPModel and CLIPProcessor "
-            f"there "
-            f"with save_pretrained (e.g. openai/clip-vit-large-patch14) and pass its path or set {CLIP_MODEL_DIR_ENV}; "
-            f"nothing is downloaded."
-        )
-    return p
+    return require_pretrained_dir(model_dir, "CLIP model", "a CLIPModel and CLIPProcessor (e.g. "
+                                  "openai/clip-vit-large-patch14)", env=CLIP_MODEL_DIR_ENV)
 
 
 def load_local_clip(model_dir: str | os.PathLike | None = None, *, device: str | torch.device | None = None

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -26,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
+
+from lightning_modules.common.local_files import require_pretrained_dir
 
 from .edges import DEFAULT_EDGE_EXTRACTOR, EdgeExtractor, get_edge_extractor
 
@@ -319,13 +320,8 @@ class TransformersDepthEstimator(DepthEstimator):
                  dtype: torch.dtype = torch.float32, size: int | tuple[int, int] | None = None,
                  image_mean: tuple[float, float, float] | None = None,
                  image_std: tuple[float, float, float] | None = None, batch_size: int = 16) -> None:
-        path = Path(model_dir).expanduser()
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"depth model directory {str(path)!r} not found or has no config.json. Put a local copy of the "
-                f"estimator there (e.g. Intel/dpt-large saved with save_pretrained) or point the config / the "
-                f"{DEPTH_MODEL_DIR_ENV} environment variable at such a directory; nothing is downloaded."
-            )
+        path = require_pretrained_dir(model_dir, "depth model", "a depth estimator (e.g. Intel/dpt-large)",
+                                      env=DEPTH_MODEL_DIR_ENV)
         from transformers import AutoModelForDepthEstimation
 
         self.model_dir = str(path)

@@ -1,0 +1,28 @@
+"""Local pretrained directories: every real weight loads from a path the user gives, never from a hub.
+
+:func:`require_pretrained_dir` is the one check (and the one error message) for a ``save_pretrained`` directory of
+transformers / diffusers / peft models: metrics' estimators now, the methods' frozen bases later.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def require_pretrained_dir(path: str | os.PathLike | None, what: str, example: str, env: str | None = None,
+                           marker: str = "config.json") -> Path:
+    """``path`` (or env ``env`` when ``path`` is None) as a directory holding ``marker``; else FileNotFoundError that
+    names the directory, the missing file, an example model to save there and the env variable."""
+    if path is None and env is not None:
+        path = os.environ.get(env)
+    where = f" or set {env}" if env else ""
+    if path is None:
+        raise FileNotFoundError(f"no {what} directory given{f' and {env} is not set' if env else ''}: save {example} "
+                                f"with save_pretrained into a local directory and pass its path; nothing is downloaded")
+    p = Path(path).expanduser()
+    if not p.is_dir() or not (p / marker).is_file():
+        problem = "not found" if not p.is_dir() else f"has no {marker}"
+        raise FileNotFoundError(f"{what} directory {str(p)!r} {problem}: save {example} there with save_pretrained "
+                                f"and pass its path{where}; nothing is downloaded")
+    return p
