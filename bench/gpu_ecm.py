@@ -1,24 +1,35 @@
 """GPU throughput of ctrlgen's VAR / ECM / VQVAE on RANDOM weights (ecm.md §7 anchors), one line per case.
 
-Cases (batch 64, 256 px, VAR d16 + VQVAE vae_ch160v4096z32, bf16 autocast, SDPA, AdamW fused, grad-clip 2.0):
+Setup: batch 64, 256 px, VAR d16 + VQVAE vae_ch160v4096z32 + default control net, bf16 autocast, SDPA, AdamW fused,
+grad-clip 2.0. Training steps use random pre-tokenised codes (``idx_to_var_input`` is part of each step). Cases, in
+the order they run (eager first, compiled last: a compiled block would also be used by the samplers):
 
-* ``vqvae_encode``       VQVAE ``img_to_idx`` (encoder bf16, quantiser fp32)
-* ``var_train_680``      base VAR training step on all 680 tokens (all 310M params trainable, drop-path + class dropout)
-* ``var_train_255``      same on the first 8 scales (``prog_si=7``)
-* ``ecm_train_s{5,7,9}`` ECM step (frozen d16 in eval mode + default control net, trainable only) truncated at scale s;
-                         s = 9 is the full sequence. ``ecm_train_early`` = expectation under the default
-                         ``trunc_probs`` {5: .2, 7: .6, 9: .2} (mean step time Σ p_s t_s, derived from the three lines)
-* ``sample_base_b{64,256}`` / ``sample_ecm_b{64,256}``  KV-cached CFG sampling incl. VQVAE decode (cfg 1.5, top_k 900,
-                         top_p 0.96; ECM with its T 1.0 → 0.8 step schedule and the control tokens of a condition image)
-* ``--compile``: ``var_train_680c`` / ``var_train_255c`` with every VAR block ``torch.compile``d (run last, time-guarded)
-* ``diag_sdpa``          whether the masked training attention runs on the memory-efficient SDPA kernel
+* ``vqvae_encode``          VQVAE ``img_to_idx`` (encoder bf16, quantiser fp32; not with --quick)
+* ``var_train_680`` / ``var_train_255``   base VAR step on all tokens / the first 8 scales (all params trainable,
+                            drop-path + class dropout)
+* ``ecm_train_s{5,7,9}``    ECM step (frozen VAR in eval mode + control net, only the control net trains) truncated at
+                            scale s; ``ecm_train_early`` = Σ p_s t_s under trunc_probs {5: .2, 7: .6, 9: .2}
+* ``ecm_fullft_680``        full-fine-tune baseline step: control net + VAR trainable, VAR in train mode, 680 tokens;
+                            ``ecm_epoch_ratio`` = ecm_train_early / ecm_fullft_680 (target ≤ 0.45)
+* ``sample_{base,ecm}_b64_{eager,static,graph}``  CFG sampling incl. VQVAE decode (cfg 1.5, top-k 900, top-p 0.96; ECM
+                            with T 1.0 → 0.8 and control tokens). eager = ``torch.multinomial`` per scale; static =
+                            preallocated buffers + Exp(1)-noise draw (no host syncs); graph = static + one CUDA graph
+                            per scale (captured in the warm-up, not timed). ``graphc`` (--sampler-compile): the graphed
+                            step compiled by inductor. ``sample_check_*``: tokens of eager vs static vs graph(c), same
+                            seed, and whether the generator ends in the same state.
+* compiled (regional: every VAR block, adapter and ViT block ``nn.Module.compile``d; not with --no-compile):
+  ``var_train_680c``, ``var_train_255c``, ``ecm_train_s{5,7,9}c``, ``ecm_train_earlyc``, ``ecm_fullft_680c``
+* --sampler-compile: ``sample_*_graphc`` (CUDA) / ``sample_*_staticc`` (CPU): the sampler step compiled (one graph
+  per scale)
+* --compile-full: ``var_train_680cf``, ``ecm_train_s7cf``, ``ecm_fullft_680cf``: the whole loss (forward + CE) of the
+  step in one ``torch.compile`` graph (long compile; each starts only with enough of --time-budget left)
 
-Tokens are random codes (pre-tokenised path: ``idx_to_var_input`` is part of each training step). Peak memory =
-``torch.cuda.max_memory_allocated`` over the case (model, optimizer state and activations). Only torch is needed: the
-networks are imported from their files without the ``lightning_modules`` package ``__init__`` (which needs Lightning).
+Peak memory = ``torch.cuda.max_memory_allocated`` over the case (model, optimizer state, activations, caches). Only
+torch is needed: the networks are imported from their files without the ``lightning_modules`` package ``__init__``
+(which needs Lightning). A case that fails (OOM, compile error) prints FAILED and the script goes on.
 
-    PYTHONUNBUFFERED=1 python bench/gpu_ecm.py [--compile] [--warmup 3 --iters 10]
-    python bench/gpu_ecm.py --smoke          # CPU/GPU proof of life: tiny presets, batch 2, 1 iteration
+    PYTHONUNBUFFERED=1 python bench/gpu_ecm.py [--quick] [--compile-full] [--sampler-compile]
+    python bench/gpu_ecm.py --smoke --device cpu     # proof of life: tiny presets, batch 2, 1 iteration, every path
 """
 
 from __future__ import annotations
@@ -45,12 +56,12 @@ def _import_networks():
             pkg = types.ModuleType(name)
             pkg.__path__ = [str(path)]
             sys.modules[name] = pkg
-    from lightning_modules.ecm import control, sampling, scales, var, vqvae
+    from lightning_modules.ecm import control, fastpath, sampling, scales, var, vqvae
 
-    return var, vqvae, control, sampling, scales
+    return var, vqvae, control, sampling, scales, fastpath
 
 
-VARM, VQM, CTLM, SAMPM, SCALESM = _import_networks()
+VARM, VQM, CTLM, SAMPM, SCALESM, FASTM = _import_networks()
 T0 = time.perf_counter()
 
 
@@ -76,72 +87,116 @@ def gib(dev: torch.device) -> float:
     return torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
 
 
+def elapsed() -> float:
+    return time.perf_counter() - T0
+
+
 class Runner:
     def __init__(self, args, dev: torch.device, card: str):
         self.args, self.dev, self.card, self.results = args, dev, card, {}
 
-    def case(self, name: str, fn_factory, batch: int, tokens: int | str, warmup=None, iters=None) -> float | None:
-        """Build the step with ``fn_factory()`` (returns (step, cleanup)), time it, print one line. Returns s/step."""
+    def say(self, name: str, text: str) -> None:
+        print(f"[gpu_ecm] {self.card} | {name:<22} | {text}", flush=True)
+
+    def case(self, name: str, fn_factory, batch: int, tokens: int | str, warmup=None, iters=None,
+             need: float = 0.0) -> float | None:
+        """Build the step with ``fn_factory()`` (returns (step, cleanup)), time it, print one line. Returns s/step.
+        Skipped when fewer than ``need`` seconds of --time-budget are left."""
         a = self.args
-        if time.perf_counter() - T0 > a.time_budget:
-            print(f"[gpu_ecm] {self.card} | {name:<18} | SKIPPED (time budget {a.time_budget:.0f} s used)", flush=True)
+        if elapsed() + need > a.time_budget:
+            self.say(name, f"SKIPPED ({elapsed():.0f} s elapsed, needs ~{need:.0f} s, time budget {a.time_budget:.0f} s)")
             return None
         gc.collect()
         if self.dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.dev)
         t_case = time.perf_counter()
+        cleanup = None
         try:
             step, cleanup = fn_factory()
             ts = timed(step, a.warmup if warmup is None else warmup, a.iters if iters is None else iters, self.dev)
-            cleanup()
         except Exception as e:  # noqa: BLE001 - report (OOM, compile failure) and go on with the next case
-            msg = str(e).splitlines()[0][:160] if str(e) else ""
-            print(f"[gpu_ecm] {self.card} | {name:<18} | FAILED {type(e).__name__}: {msg}", flush=True)
+            msg = str(e).splitlines()[0][:200] if str(e) else ""
+            self.say(name, f"FAILED {type(e).__name__}: {msg}")
+            return None
+        finally:
+            if cleanup is not None:
+                cleanup()
             if self.dev.type == "cuda":
                 torch.cuda.empty_cache()
-            return None
         med = statistics.median(ts)
         self.results[name] = med
-        print(f"[gpu_ecm] {self.card} | {name:<18} | B {batch:>3} | tok {tokens!s:>5} | "
-              f"{med * 1e3:8.1f} ms/step (min {min(ts) * 1e3:.1f}, n {len(ts)}) | {batch / med:8.1f} img/s | "
-              f"peak {gib(self.dev):6.2f} GiB | case wall {time.perf_counter() - t_case:5.1f} s", flush=True)
+        self.say(name, f"B {batch:>3} | tok {tokens!s:>5} | {med * 1e3:8.1f} ms/step (min {min(ts) * 1e3:.1f}, "
+                       f"n {len(ts)}) | {batch / med:8.1f} img/s | peak {gib(self.dev):6.2f} GiB | "
+                       f"case wall {time.perf_counter() - t_case:5.1f} s")
         return med
+
+    def derived(self, name: str, times: dict[int, float | None], probs: dict[int, float], eds: list[int],
+                batch: int, peak_of: str) -> float | None:
+        """Expected step time Σ p_s t_s of early-centric training from the per-s lines."""
+        if any(times.get(s) is None for s in probs):
+            return None
+        mean_t = sum(p * times[s] for s, p in probs.items())
+        mean_tok = sum(p * eds[s] for s, p in probs.items())
+        self.results[name] = mean_t
+        self.say(name, f"B {batch:>3} | tok {mean_tok:>5.0f} | {mean_t * 1e3:8.1f} ms/step (= Σ p_s t_s, trunc_probs "
+                       f"{probs}) | {batch / mean_t:8.1f} img/s | peak = {peak_of}")
+        return mean_t
+
+
+def uncompile(modules) -> None:
+    """Undo ``nn.Module.compile`` (the module then runs its eager forward again)."""
+    for m in modules:
+        m._compiled_call_impl = None
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto (cuda if available) | cuda | cpu")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--big-batch", type=int, default=256, help="second sampling batch (0 = skip)")
+    ap.add_argument("--big-batch", type=int, default=0, help="second sampling batch, eager/static/graph (0 = skip)")
     ap.add_argument("--var", default="d16")
     ap.add_argument("--vqvae", default="vae_ch160v4096z32")
     ap.add_argument("--control", default="default")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--sample-iters", type=int, default=6, help="timed sampling runs (after 2 warm-up runs)")
-    ap.add_argument("--compile", action="store_true", help="also time base training with torch.compile'd blocks")
-    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: quick check)")
-    ap.add_argument("--time-budget", type=float, default=300.0, help="no new case starts after this many seconds")
-    ap.add_argument("--compile-deadline", type=float, default=170.0,
-                    help="compiled cases start only if fewer seconds than this have elapsed")
-    ap.add_argument("--smoke", action="store_true", help="tiny presets, batch 2, 1 iteration (CPU check)")
+    ap.add_argument("--sample-warmup", type=int, default=2)
+    ap.add_argument("--sample-iters", type=int, default=6)
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled training cases")
+    ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)  # old flag: compiled cases are default
+    ap.add_argument("--compile-full", action="store_true", help="also compile the whole loss of a step (slow compile)")
+    ap.add_argument("--sampler-compile", action="store_true", help="also time the CUDA-graph sampler with an "
+                    "inductor-compiled step")
+    ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor on CUDA, "
+                    "eager on CPU)")
+    ap.add_argument("--time-budget", type=float, default=450.0, help="no case starts that would end after this many "
+                    "seconds (by a rough per-case estimate)")
+    ap.add_argument("--quick", action="store_true", help="fewer iterations (warmup 2, iters 4, sampling 1 + 3), no "
+                    "vqvae_encode")
+    ap.add_argument("--smoke", "--tiny", dest="smoke", action="store_true",
+                    help="tiny presets, batch 2, 1 iteration, every path once (CPU check)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.warmup, args.iters, args.sample_warmup, args.sample_iters = 2, 4, 1, 3
     if args.smoke:
         args.batch, args.big_batch, args.var, args.vqvae, args.control = 2, 0, "tiny", "tiny", "tiny"
-        args.warmup, args.iters, args.sample_iters = 0, 1, 1
+        args.warmup, args.iters, args.sample_warmup, args.sample_iters = 0, 1, 0, 1
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    cuda = dev.type == "cuda"
+    card = torch.cuda.get_device_name(dev) if cuda else "CPU"
+    backend = args.compile_backend or ("inductor" if cuda else "eager")
     amp_dtype = torch.bfloat16
-    if dev.type == "cuda":
+    if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     print(f"[gpu_ecm] command: {' '.join([sys.executable, *sys.argv])}", flush=True)
     print(f"[gpu_ecm] torch {torch.__version__}, cuda {torch.version.cuda}, device {card}, "
-          f"{'bf16 autocast' if dev.type == 'cuda' else 'fp32'}, batch {args.batch}, VAR {args.var}, VQVAE {args.vqvae}, control {args.control}, "
-          f"warmup {args.warmup} + {args.iters} timed (sampling 2 + {args.sample_iters}), RANDOM weights", flush=True)
+          f"{'bf16 autocast' if cuda else 'fp32'}, batch {args.batch}, VAR {args.var}, VQVAE {args.vqvae}, "
+          f"control {args.control}, warmup {args.warmup} + {args.iters} timed (sampling {args.sample_warmup} + "
+          f"{args.sample_iters}), compile backend {backend}, RANDOM weights", flush=True)
 
     torch.manual_seed(args.seed)
     with torch.device(dev):
@@ -151,10 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     B, V, K = args.batch, var.V, len(var.patch_nums)
     S = vq.image_size
     eds = SCALESM.ends_for(var.patch_nums)
+    cond_drop = var.cond_drop_rate
     n_var = sum(p.numel() for p in var.parameters())
     n_ctl = sum(p.numel() for p in ctl.parameters())
     print(f"[gpu_ecm] VAR params {n_var:,}, control params {n_ctl:,}, image {S} px, L {var.L}, scales {K}, "
-          f"build {time.perf_counter() - T0:.1f} s", flush=True)
+          f"build {elapsed():.1f} s", flush=True)
     g = torch.Generator(device=dev).manual_seed(args.seed)
 
     def batch_data(b: int):
@@ -164,38 +220,67 @@ def main(argv: list[str] | None = None) -> int:
         return idx, label, cond
 
     idx, label, cond = batch_data(B)
-    img = torch.rand(B, 3, S, S, device=dev, generator=g) * 2 - 1
     run = Runner(args, dev, card)
     # bf16 autocast on the GPU; plain fp32 on a CPU (CPU bf16 autocast is emulated and very slow: smoke runs only)
-    ac = lambda: torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=dev.type == "cuda")
+    ac = lambda: torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=cuda)
+    trunc = dict(SAMPM.DEFAULT_TRUNC_PROBS) if K == 10 else {K - 5: 0.2, K - 3: 0.6, K - 1: 0.2}
+    s_early = sorted(trunc)
+    s_mid = s_early[len(s_early) // 2]
+    n8 = K - 3  # "first 8 scales" of the 10-scale schedule
 
     # ------------------------------------------------------------------ VQVAE encode
-    def enc_factory():
-        def step():
-            with ac():
-                vq.img_to_idx(img)
-        return step, lambda: None
+    if not (args.quick or args.smoke):
+        img = torch.rand(B, 3, S, S, device=dev, generator=g) * 2 - 1
 
-    run.case("vqvae_encode", enc_factory, B, "-")
+        def enc_factory():
+            def step():
+                with ac():
+                    vq.img_to_idx(img)
+            return step, lambda: None
 
-    # ------------------------------------------------------------------ base VAR training
+        run.case("vqvae_encode", enc_factory, B, "-", need=10)
+
+    # ------------------------------------------------------------------ training steps
     def make_opt(params):
-        kw = {"fused": True} if dev.type == "cuda" else {}
+        kw = {"fused": True} if cuda else {}
         return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, **kw)
 
-    def var_train_factory(prog_si: int | None):
+    def train_factory(kind: str, s: int | None, loss_fn=None):
+        """kind: ``var`` (base VAR), ``ecm`` (frozen VAR + control net, truncated at s), ``fullft`` (both trainable,
+        VAR in train mode, class dropout once in the control net as in ECMModule). ``loss_fn(label, x, cond, target)``
+        replaces the eager forward + CE (whole-step compile)."""
         def factory():
-            var.requires_grad_(True).train()
-            params = [p for p in var.parameters() if p.requires_grad]
+            if kind == "var":
+                var.requires_grad_(True).train()
+                var.cond_drop_rate = cond_drop
+                modules = [var]
+            else:
+                var.cond_drop_rate = 0.0
+                if kind == "ecm":
+                    CTLM.freeze_backbone(var)
+                else:
+                    var.requires_grad_(True).train()
+                ctl.train()
+                modules = [ctl] if kind == "ecm" else [ctl, var]
+            params = [p for m in modules for p in m.parameters() if p.requires_grad]
             opt = make_opt(params)
-            n = K if prog_si is None else prog_si + 1
+            n = K if s is None else s + 1
             target = torch.cat(idx[:n], 1)
+            prog_si = None if s is None else s
+
+            def forward_loss(lab, x, cnd, tgt):
+                if kind == "var":
+                    logits = var(lab, x, prog_si=prog_si)
+                else:
+                    logits = ctl(var, lab, x, cond_img=cnd, prog_si=prog_si)
+                return F.cross_entropy(logits.view(-1, V), tgt.view(-1))
+
+            fwd = loss_fn(forward_loss) if loss_fn is not None else forward_loss
 
             def step():
                 x = vq.idx_to_var_input(idx[:n])
                 with ac():
-                    logits = var(label, x, prog_si=prog_si)
-                loss = F.cross_entropy(logits.view(-1, V), target.view(-1))
+                    loss = fwd(label, x, cond, target)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 2.0)
                 opt.step()
@@ -203,111 +288,133 @@ def main(argv: list[str] | None = None) -> int:
 
             def cleanup():
                 opt.state.clear()
-                var.zero_grad(set_to_none=True)
+                for m in modules:
+                    m.zero_grad(set_to_none=True)
             return step, cleanup
         return factory
 
-    run.case(f"var_train_{eds[-1]}", var_train_factory(None), B, eds[-1])
-    run.case(f"var_train_{eds[K - 3]}", var_train_factory(K - 3), B, eds[K - 3])
+    def train_block(suffix: str, need: float, loss_fn=None, full: bool = False):
+        """The training cases of one compile style ('' eager, 'c' regional, 'cf' whole step)."""
+        if full:  # whole-step compile: one shape per kind (long compiles)
+            run.case(f"var_train_{eds[-1]}{suffix}", train_factory("var", None, loss_fn), B, eds[-1], need=need)
+            run.case(f"ecm_train_s{s_mid}{suffix}", train_factory("ecm", s_mid, loss_fn), B, eds[s_mid], need=need)
+            run.case(f"ecm_fullft_{eds[-1]}{suffix}", train_factory("fullft", None, loss_fn), B, eds[-1], need=need)
+            return
+        run.case(f"var_train_{eds[-1]}{suffix}", train_factory("var", None), B, eds[-1], need=need)
+        if not args.smoke:
+            run.case(f"var_train_{eds[n8]}{suffix}", train_factory("var", n8), B, eds[n8], need=need)
+        ss = [s_mid] if args.smoke else s_early
+        t = {s: run.case(f"ecm_train_s{s}{suffix}", train_factory("ecm", s), B, eds[s], need=need) for s in ss}
+        early = run.derived(f"ecm_train_early{suffix}", t, trunc, eds, B, f"ecm_train_s{max(trunc)}{suffix}") \
+            if not args.smoke else None
+        tf = run.case(f"ecm_fullft_{eds[-1]}{suffix}", train_factory("fullft", None), B, eds[-1], need=need)
+        if early and tf:
+            run.say(f"ecm_epoch_ratio{suffix}", f"ecm_train_early{suffix} / ecm_fullft_{eds[-1]}{suffix} = "
+                                                f"{early / tf:.3f} (target ≤ 0.45)")
 
-    # ------------------------------------------------------------------ ECM training (frozen VAR)
-    CTLM.freeze_backbone(var)
-    trunc = dict(SAMPM.DEFAULT_TRUNC_PROBS) if K == 10 else {K - 5: 0.2, K - 3: 0.6, K - 1: 0.2}
-
-    def ecm_factory(s: int):
-        def factory():
-            ctl.train()
-            params = [p for p in ctl.parameters() if p.requires_grad]
-            opt = make_opt(params)
-            target = torch.cat(idx[:s + 1], 1)
-
-            def step():
-                x = vq.idx_to_var_input(idx[:s + 1])
-                with ac():
-                    logits = ctl(var, label, x, cond_img=cond, prog_si=s)
-                loss = F.cross_entropy(logits.view(-1, V), target.view(-1))
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 2.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            def cleanup():
-                opt.state.clear()
-                ctl.zero_grad(set_to_none=True)
-            return step, cleanup
-        return factory
-
-    ecm_t = {s: run.case(f"ecm_train_s{s}", ecm_factory(s), B, eds[s]) for s in sorted(trunc)}
-    if all(v is not None for v in ecm_t.values()):
-        mean_t = sum(p * ecm_t[s] for s, p in trunc.items())
-        mean_tok = sum(p * eds[s] for s, p in trunc.items())
-        print(f"[gpu_ecm] {card} | {'ecm_train_early':<18} | B {B:>3} | tok {mean_tok:>5.0f} | {mean_t * 1e3:8.1f} ms/step "
-              f"(= Σ p_s t_s, trunc_probs {trunc}) | {B / mean_t:8.1f} img/s | peak = ecm_train_s{max(trunc)}", flush=True)
+    train_block("", need=15)
 
     # ------------------------------------------------------------------ sampling
     temps = SAMPM.temperature_schedule(K, "step", 1.0, 0.8, K - 2)
+    CTLM.freeze_backbone(var)
+    var.cond_drop_rate = cond_drop
     ctl.eval()
     top_k = min(900, V)
+    skw = {"cfg": 1.5, "top_k": top_k, "top_p": 0.96}
+    # graphc: CUDA graphs of the compiled step; staticc (CPU only, to exercise the compiled step without CUDA)
+    modes = ["eager", "static"] + (["graph"] if cuda else []) + (
+        (["graphc"] if cuda else ["staticc"]) if args.sampler_compile else [])
+    scomp = {"backend": backend}
 
-    def sample_factory(b: int, control: bool):
+    def sample_kw(control: bool, mode: str) -> dict:
+        compiled = mode in ("graphc", "staticc")
+        kw = dict(skw, sampler=mode[:-1] if compiled else mode)
+        if compiled:
+            kw["sampler_compile"] = scomp
+        if control:
+            kw["temperature_schedule"] = temps
+        return kw
+
+    def sample_factory(b: int, control: bool, mode: str, lab, cnd):
         def factory():
-            _, lab, cnd = batch_data(b)
-
             def step():
                 with ac():
                     if control:
-                        ctl.sample(var, vq, b, lab, cond_img=cnd, g_seed=0, cfg=1.5, top_k=top_k, top_p=0.96,
-                                   temperature_schedule=temps)
+                        ctl.sample(var, vq, b, lab, cond_img=cnd, g_seed=0, **sample_kw(control, mode))
                     else:
-                        var.autoregressive_infer_cfg(b, lab, vqvae=vq, g_seed=0, cfg=1.5, top_k=top_k, top_p=0.96)
+                        var.autoregressive_infer_cfg(b, lab, vqvae=vq, g_seed=0, **sample_kw(control, mode))
+            if mode.startswith("graph"):
+                step()  # capture (and compile) outside the timed runs
             return step, lambda: None
         return factory
 
+    def tokens(b: int, control: bool, mode: str, lab, cnd) -> tuple[list[torch.Tensor], bytes]:
+        """Tokens of one run with seed 0, and the generator state after it."""
+        rng = torch.Generator(device=dev).manual_seed(0)
+        with ac(), torch.no_grad():
+            hook = ctl.sampling_hook(b, cond_img=cnd) if control else None
+            kw = sample_kw(control, mode)
+            if mode == "eager":
+                _, ids, _ = var.autoregressive_infer_cfg(b, lab, vqvae=vq, generator=rng, hook=hook,
+                                                         return_logits=True, decode=False, **kw)
+            else:
+                tk = SAMPM.resolve_temperatures(kw.get("temperature_schedule"), K)
+                smp = var.static_sampler(b, vq, cfg=kw["cfg"], top_k=kw["top_k"], top_p=kw["top_p"], temperatures=tk,
+                                         hook=hook, sampler=kw["sampler"], compile_kw=kw.get("sampler_compile"))
+                _, ids, _ = smp(lab, rng, hook)
+        return ids, bytes(rng.get_state().numpy())
+
     for b in [B] + ([args.big_batch] if args.big_batch else []):
-        tb = run.case(f"sample_base_b{b}", sample_factory(b, False), b, var.L, warmup=min(2, args.warmup + 1),
-                      iters=args.sample_iters)
-        te = run.case(f"sample_ecm_b{b}", sample_factory(b, True), b, var.L, warmup=min(2, args.warmup + 1),
-                      iters=args.sample_iters)
-        if tb and te:
-            print(f"[gpu_ecm] {card} | {'sample_ratio_b' + str(b):<18} | ECM / base time = {te / tb:.3f}", flush=True)
+        _, lab, cnd = batch_data(b)
+        for control in (False, True):
+            kind = "ecm" if control else "base"
+            t = {}
+            for mode in modes:
+                need = 40 if mode in ("graphc", "staticc") else 15
+                t[mode] = run.case(f"sample_{kind}_b{b}_{mode}", sample_factory(b, control, mode, lab, cnd), b, var.L,
+                                   warmup=args.sample_warmup, iters=args.sample_iters, need=need)
+            if t.get("eager"):
+                run.say(f"sample_speedup_{kind}_b{b}", ", ".join(
+                    f"{m} {t['eager'] / t[m]:.2f}×" for m in modes[1:] if t.get(m)) + " vs eager")
+            if b == B and elapsed() + 20 < args.time_budget:
+                try:
+                    ref, st_ref = tokens(b, control, "eager", lab, cnd)
+                    parts = []
+                    for mode in modes[1:]:
+                        if mode != "eager" and not t.get(mode):
+                            continue
+                        ids, st = tokens(b, control, mode, lab, cnd)
+                        same = sum(int((p == q).sum()) for p, q in zip(ref, ids))
+                        tot = sum(p.numel() for p in ref)
+                        first = next((si for si, (p, q) in enumerate(zip(ref, ids)) if not torch.equal(p, q)), None)
+                        parts.append(f"eager=={mode} {same}/{tot}" + ("" if first is None else f" (first diff scale "
+                                     f"{first})") + f", generator state {'equal' if st == st_ref else 'DIFFERS'}")
+                    run.say(f"sample_check_{kind}_b{b}", "; ".join(parts))
+                except Exception as e:  # noqa: BLE001
+                    run.say(f"sample_check_{kind}_b{b}", f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        for mode in modes:
+            tb, te = run.results.get(f"sample_base_b{b}_{mode}"), run.results.get(f"sample_ecm_b{b}_{mode}")
+            if tb and te:
+                run.say(f"sample_ratio_b{b}_{mode}", f"ECM / base time = {te / tb:.3f} (target ≤ 1.15)")
+    var.clear_sampling_graphs()
 
-    # ------------------------------------------------------------------ SDPA kernel diagnostic (masked training attention)
-    if dev.type == "cuda" and time.perf_counter() - T0 < args.time_budget:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        q = torch.randn(B, var.num_heads, var.L, var.C // var.num_heads, device=dev, dtype=amp_dtype, requires_grad=True)
-        mask = var.attn_bias_for_masking.to(amp_dtype)
-        for name, be in (("efficient", SDPBackend.EFFICIENT_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-            try:
-                with sdpa_kernel([be]):
-                    F.scaled_dot_product_attention(q, q, q, attn_mask=mask, scale=1.0).sum().backward()
-                ok = "available"
-            except Exception as e:  # noqa: BLE001
-                ok = f"NOT available ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
-            print(f"[gpu_ecm] {card} | diag_sdpa          | masked (1,1,L,L) bf16 fwd+bwd on {name} kernel: {ok}",
-                  flush=True)
-        del q
-
-    # ------------------------------------------------------------------ compiled base training
-    if args.compile:
-        if time.perf_counter() - T0 > args.compile_deadline:
-            print(f"[gpu_ecm] {card} | compiled cases SKIPPED: {time.perf_counter() - T0:.0f} s elapsed > "
-                  f"--compile-deadline {args.compile_deadline:.0f} s", flush=True)
-        else:
-            # every block has its own drop-path p (a guarded float) → one graph per block and sequence length; the
-            # default recompile limit (8) would silently leave the other blocks eager (seen in the first H200 run)
-            dc = torch._dynamo.config
-            for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                         "accumulated_cache_size_limit"):
-                if hasattr(dc, name):
-                    setattr(dc, name, max(getattr(dc, name), 256))
-            for blk in var.blocks:  # the ECM hook path stays eager
-                blk.compile(dynamic=False, backend=args.compile_backend)
-            t = time.perf_counter()
-            run.case(f"var_train_{eds[-1]}c", var_train_factory(None), B, eds[-1])
-            run.case(f"var_train_{eds[K - 3]}c", var_train_factory(K - 3), B, eds[K - 3])
-            print(f"[gpu_ecm] {card} | compiled cases incl. compilation took {time.perf_counter() - t:.0f} s", flush=True)
-    print(f"[gpu_ecm] done in {time.perf_counter() - T0:.1f} s", flush=True)
+    # ------------------------------------------------------------------ compiled training
+    blocks = [*var.blocks, *ctl.adapters, *ctl.cond_encoder.blocks]
+    if not args.no_compile:
+        t = time.perf_counter()
+        FASTM.compile_blocks(var, backend=backend, dynamic=False)
+        CTLM.compile_control(ctl, backend=backend, dynamic=False)
+        train_block("c", need=60)
+        uncompile(blocks)
+        run.say("compile", f"regional cases incl. compilation took {time.perf_counter() - t:.0f} s")
+    if args.compile_full:
+        torch._dynamo.reset()
+        FASTM.raise_recompile_limit(64)
+        t = time.perf_counter()
+        train_block("cf", need=150, full=True,
+                    loss_fn=lambda f: torch.compile(f, backend=backend, dynamic=False))
+        run.say("compile", f"whole-step cases incl. compilation took {time.perf_counter() - t:.0f} s")
+    print(f"[gpu_ecm] done in {elapsed():.1f} s", flush=True)
     return 0
 
 

@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .var import FFN, VAR, SelfAttention, VARHook, ada_modulate, drop_labels
+from .fastpath import raise_recompile_limit
+from .var import (
+    FFN,
+    VAR,
+    SelfAttention,
+    VARHook,
+    ada_modulate,
+    drop_labels,
+)
 
 CONTROL_PRESETS: dict[str, dict] = {
     "default": {"patch": 16, "width": 384, "vit_depth": 4, "vit_heads": 6},  # 256 px → 16×16 grid (spec §2.1)
@@ -137,6 +145,24 @@ class ECMHook(VARHook):
         for a in self.net.adapters:
             a.attn.kv_caching(enable, max_len)
 
+    # ---- static / CUDA-graph sampling (VARHook protocol)
+    def cache_modules(self) -> list[nn.Module]:
+        return [a.attn for a in self.net.adapters]
+
+    def static_key(self) -> tuple:
+        r, g = self.r, self.row_gate
+        return (id(self.net), tuple(r.shape), r.dtype, str(r.device), None if g is None else tuple(g.shape))
+
+    def static_clone(self) -> ECMHook:
+        return ECMHook(self.net, self.r.clone(), None if self.row_gate is None else self.row_gate.clone())
+
+    def load_inputs_(self, other: ECMHook) -> None:
+        if other.net is not self.net or other.static_key() != self.static_key():
+            raise ValueError("load_inputs_: the hook differs in net, shapes or row gating")
+        self.r.copy_(other.r)
+        if self.row_gate is not None:
+            self.row_gate.copy_(other.row_gate)
+
     def __call__(self, block_idx: int, h: Tensor, cond_BD: Tensor, attn_bias: Tensor | None) -> Tensor:
         j = self.net.block_to_adapter.get(block_idx)
         if j is None:
@@ -246,11 +272,10 @@ class ECMControlNet(nn.Module):
                 r = r * keep.to(r.dtype)
         return var(label_B, x_BLCv, prog_si=prog_si, hook=self.make_hook(r))
 
-    @torch.no_grad()
-    def sample(self, var: VAR, vqvae: nn.Module, B: int, labels: Tensor | int | None, cond_img: Tensor | None = None,
-               r: Tensor | None = None, type_idx: Tensor | None = None, cfg_control: str = "both", **kw):
-        """KV-cached CFG sampling with control (kwargs → :meth:`VAR.autoregressive_infer_cfg`).
-        ``cfg_control``: ``both`` (control on cond and null rows) or ``cond_only``."""
+    def sampling_hook(self, B: int, cond_img: Tensor | None = None, r: Tensor | None = None,
+                      type_idx: Tensor | None = None, cfg_control: str = "both") -> ECMHook:
+        """The hook of one CFG sampling run of B images (rows [cond; null]): control tokens r repeated for the
+        two halves; ``cfg_control``: ``both`` (control on cond and null rows) or ``cond_only``."""
         if r is None:
             r = self.control_tokens(cond_img, type_idx)
         r2 = torch.cat((r, r), dim=0)
@@ -260,7 +285,25 @@ class ECMControlNet(nn.Module):
             row_gate = torch.cat((torch.ones(B, 1, 1, device=r.device), torch.zeros(B, 1, 1, device=r.device)))
         else:
             raise ValueError(f"cfg_control must be both|cond_only, got {cfg_control!r}")
-        return var.autoregressive_infer_cfg(B, labels, vqvae=vqvae, hook=self.make_hook(r2, row_gate), **kw)
+        return self.make_hook(r2, row_gate)
+
+    @torch.no_grad()
+    def sample(self, var: VAR, vqvae: nn.Module, B: int, labels: Tensor | int | None, cond_img: Tensor | None = None,
+               r: Tensor | None = None, type_idx: Tensor | None = None, cfg_control: str = "both", **kw):
+        """KV-cached CFG sampling with control (kwargs → :meth:`VAR.autoregressive_infer_cfg`, e.g.
+        ``sampler="static"|"graph"``). ``cfg_control``: ``both`` (control on cond and null rows) or ``cond_only``."""
+        hook = self.sampling_hook(B, cond_img, r, type_idx, cfg_control)
+        return var.autoregressive_infer_cfg(B, labels, vqvae=vqvae, hook=hook, **kw)
+
+
+def compile_control(net: ECMControlNet, **compile_kw) -> ECMControlNet:
+    """Regional compilation, in place (state-dict keys unchanged): ``nn.Module.compile`` on every adapter and
+    every ViT block (pair with :func:`~lightning_modules.ecm.fastpath.compile_blocks` for the VAR; raises the dynamo
+    recompile limit to 64 like it). Returns ``net``."""
+    raise_recompile_limit(64)
+    for m in [*net.adapters, *net.cond_encoder.blocks]:
+        m.compile(**compile_kw)
+    return net
 
 
 def freeze_backbone(var: VAR) -> VAR:

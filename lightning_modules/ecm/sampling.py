@@ -3,6 +3,8 @@
 * :func:`cfg_ratio`, :func:`cfg_mix` — VAR's linear CFG ramp t = cfg·si/(K−1), (1+t)·cond − t·uncond.
 * :func:`temperature_schedule` — per-scale T_k (``const`` | ``step`` | ``linear``), ECM's T_high → T_low.
 * :func:`top_k_top_p_filter_` / :func:`sample_top_k_top_p` — VAR's filtering rules and seeded multinomial.
+* :func:`filtered_probs`, :func:`exponential_noise`, :func:`sample_with_noise` — the same draw split into a
+  random part (Exp(1) noise, drawn outside) and a deterministic, sync-free part (CUDA-graph capturable).
 * :func:`normalize_trunc_probs`, :func:`trunc_generator`, :func:`draw_trunc_scale` — early-centric
   truncation draw s ~ Categorical(trunc_probs) from a generator seeded by (seed, step), identical on all ranks.
 """
@@ -79,16 +81,46 @@ def top_k_top_p_filter_(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0) 
     return logits_BlV
 
 
-def sample_top_k_top_p(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0,
-                       generator: torch.Generator | None = None, temperature: float = 1.0) -> Tensor:
-    """Divide by ``temperature`` *before* filtering, filter, then draw one token per position → (B, l) int64.
-    Computed in fp32 on a copy (the caller's logits are left untouched)."""
-    B, l, V = logits_BlV.shape
+def filtered_probs(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0) -> Tensor:
+    """Divide by ``temperature`` *before* filtering, filter, softmax → probabilities (B·l, V) fp32.
+    Computed on a copy (the caller's logits are left untouched)."""
+    V = logits_BlV.shape[-1]
     logits = logits_BlV.float()
     logits = logits / temperature if temperature != 1.0 else logits.clone()
     top_k_top_p_filter_(logits, top_k, top_p)
-    probs = logits.softmax(dim=-1).view(-1, V)
+    return logits.softmax(dim=-1).view(-1, V)
+
+
+def sample_top_k_top_p(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0,
+                       generator: torch.Generator | None = None, temperature: float = 1.0) -> Tensor:
+    """:func:`filtered_probs`, then one ``torch.multinomial`` draw per position with ``generator`` → (B, l) int64."""
+    B, l, _ = logits_BlV.shape
+    probs = filtered_probs(logits_BlV, top_k, top_p, temperature)
     return torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, l)
+
+
+def exponential_noise(shape: tuple[int, ...], generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None, out: Tensor | None = None) -> Tensor:
+    """q ~ Exp(1) of ``shape`` (fp32), drawn with ``generator`` on the generator's device (the default
+    generator of ``device`` if None), written into ``out`` (any device) when given.
+
+    ``torch.multinomial(probs, 1, generator=g)`` (probs (N, V) fp32) is, in ATen's single-sample path,
+    ``argmax(probs / q)`` with ``q = torch.empty_like(probs).exponential_(generator=g)``. So noise drawn here
+    with the same generator, shape (N, V) and order of calls reproduces its tokens exactly through
+    :func:`sample_with_noise` (checked on CPU in tests/ecm/test_fast_paths.py; on CUDA by bench/gpu_ecm.py)."""
+    gdev = generator.device if generator is not None else torch.device(device if device is not None else "cpu")
+    if out is not None and out.device == gdev and out.dtype == torch.float32 and out.is_contiguous():
+        return out.exponential_(generator=generator)
+    q = torch.empty(shape, dtype=torch.float32, device=gdev).exponential_(generator=generator)
+    return q if out is None else out.copy_(q)
+
+
+def sample_with_noise(logits_BlV: Tensor, noise: Tensor, top_k: int = 0, top_p: float = 0.0,
+                      temperature: float = 1.0) -> Tensor:
+    """Token per position = argmax(p / q) with p = :func:`filtered_probs` and ``noise`` q (B·l, V) ~ Exp(1):
+    a categorical draw from p (exponential race), with no host sync → (B, l) int64."""
+    B, l, _ = logits_BlV.shape
+    return (filtered_probs(logits_BlV, top_k, top_p, temperature) / noise).argmax(dim=-1).view(B, l)
 
 
 # ----------------------------------------------------------------------------- early-centric truncation

@@ -11,11 +11,18 @@ block-causal mask in teacher forcing, ``None`` in KV-cached sampling, where ``h`
 scale's rows). Optional methods are called when present (see :class:`VARHook`):
 ``prepare(bg, ed) -> Tensor | None`` once per forward (bg = 0) or per sampled scale, returning an additive
 term for the input embeddings x_0 of positions [bg, ed); ``kv_caching(enable, max_len)`` around sampling.
+The static / CUDA-graph sampler (:class:`~lightning_modules.ecm.fastpath.StaticCFGSampler`) also needs ``cache_modules()`` (the hook's own
+:class:`SelfAttention` modules), ``static_key()``, ``static_clone()`` and ``load_inputs_(hook)`` (see
+:class:`VARHook`).
+
+Compilation: :func:`~lightning_modules.ecm.fastpath.compile_blocks` compiles each block in place (regional ``torch.compile``); because
+:class:`DropPath` keeps its rate in a buffer, blocks with different rates share one graph per shape.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +36,9 @@ from .scales import (
     block_causal_bias,
     lvl_index,
 )
+
+if TYPE_CHECKING:
+    from .fastpath import StaticCFGSampler
 
 VAR_PRESETS: dict[str, dict] = {
     "d16": {"depth": 16}, "d20": {"depth": 20}, "d24": {"depth": 24}, "d30": {"depth": 30},
@@ -51,6 +61,19 @@ class VARHook:
     def kv_caching(self, enable: bool, max_len: int | None = None) -> None:
         pass
 
+    # ---- static / CUDA-graph sampling (optional; without them only the eager sampler takes the hook)
+    def cache_modules(self) -> list[nn.Module]:  # own KV-caching SelfAttention modules
+        return []
+
+    def static_key(self) -> tuple:  # hashable: hooks with equal keys can share one captured sampler
+        raise NotImplementedError
+
+    def static_clone(self) -> VARHook:  # same hook on fresh tensor buffers (captured by address)
+        raise NotImplementedError
+
+    def load_inputs_(self, other: VARHook) -> None:  # copy ``other``'s tensors into this clone's buffers
+        raise NotImplementedError
+
     def __call__(self, block_idx: int, h: Tensor, cond_BD: Tensor, attn_bias: Tensor | None) -> Tensor:
         return h
 
@@ -69,15 +92,38 @@ def drop_labels(label_B: Tensor, rate: float, null_class: int, generator: torch.
 
 
 class DropPath(nn.Module):
+    """Stochastic depth: in training, each sample's branch is zeroed with probability ``p`` and rescaled by
+    1/(1 − p). The rate lives in a non-persistent 0-d buffer ``drop_prob`` (not in the state dict), so that
+    ``torch.compile`` does not guard on a per-block float: blocks with different rates share one graph.
+    ``p`` (float) reads and sets it."""
+
     def __init__(self, p: float) -> None:
         super().__init__()
-        self.p = p
+        self._p = float(p)
+        self.register_buffer("drop_prob", torch.tensor(self._p), persistent=False)
+
+    @property
+    def p(self) -> float:
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        self._p = float(value)
+        with torch.no_grad():
+            self.drop_prob.fill_(self._p)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # re-fill after e.g. meta → to_empty → load
+        super()._load_from_state_dict(*args, **kwargs)
+        if not self.drop_prob.is_meta:
+            with torch.no_grad():
+                self.drop_prob.fill_(self._p)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p <= 0:
+        if not self.training:
             return x
-        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
-        return x * keep.div_(1 - self.p)
+        keep_p = 1 - self.drop_prob.float()  # mask maths in fp32 (also when x is bf16)
+        keep = torch.empty(x.shape[0], *([1] * (x.ndim - 1)), device=x.device).bernoulli_(keep_p)
+        return x * keep.div_(keep_p).to(x.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -99,10 +145,13 @@ class SelfAttention(nn.Module):
         self.attn_drop = attn_drop
         self.kv_caching(False)
 
-    def kv_caching(self, enable: bool, max_len: int | None = None) -> None:
+    def kv_caching(self, enable: bool, max_len: int | None = None,
+                   buffers: tuple[Tensor | None, Tensor | None] | None = None) -> None:
+        """Turn the cache on/off (position 0). ``buffers``: reuse preallocated (k, v) of shape (B, H, max_len, c)
+        (the static sampler keeps them across runs; None → allocated on first use)."""
         self.caching, self.cache_max_len, self.cache_len = enable, max_len, 0
-        self.cached_k: Tensor | None = None
-        self.cached_v: Tensor | None = None
+        self.cached_k: Tensor | None = buffers[0] if buffers is not None else None
+        self.cached_v: Tensor | None = buffers[1] if buffers is not None else None
 
     def _append_kv(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         n, l = self.cache_len, k.shape[2]
@@ -114,6 +163,9 @@ class SelfAttention(nn.Module):
         if self.cached_k is None:  # preallocate once per sampling run
             shape = (k.shape[0], k.shape[1], self.cache_max_len, k.shape[3])
             self.cached_k, self.cached_v = k.new_empty(shape), v.new_empty(shape)
+        elif self.cached_k.dtype != k.dtype or self.cached_k.shape[0] != k.shape[0]:
+            raise RuntimeError(f"KV cache buffers {self.cached_k.dtype} {tuple(self.cached_k.shape)} do not fit "
+                               f"keys {k.dtype} {tuple(k.shape)}")
         self.cached_k[:, :, n:n + l] = k
         self.cached_v[:, :, n:n + l] = v
         self.cache_len = n + l
@@ -309,18 +361,10 @@ class VAR(nn.Module):
         if kv is not None:
             kv(enable, self.L if enable else None)
 
-    @torch.no_grad()
-    def autoregressive_infer_cfg(self, B: int, labels: Tensor | int | None = None, *, vqvae: nn.Module,
-                                 g_seed: int | None = None, generator: torch.Generator | None = None,
-                                 cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
-                                 temperature_schedule: float | Sequence[float] | None = None,
-                                 hook: HookFn | None = None, return_logits: bool = False, decode: bool = True):
-        """KV-cached CFG sampling (spec §3.7 + ECM temperature §2.4). Rows [0, B) use ``labels``, rows
-        [B, 2B) the null class. Per scale: raw logits → (1+t)·cond − t·uncond, t = cfg·si/(K−1) → ÷ T_si →
-        top-k/top-p → multinomial with ``generator`` (or a fresh one seeded by ``g_seed``).
-
-        Returns images in [0, 1] (or f̂ if ``decode=False``); with ``return_logits`` a tuple
-        ``(img, idx_list[(B, pn²)], raw_logits_list[(2B, pn², V) fp32, before CFG])``."""
+    def _resolve_sampling(self, B: int, labels: Tensor | int | None, g_seed: int | None,
+                          generator: torch.Generator | None) -> tuple[Tensor, torch.Generator | None]:
+        """Labels (B,) int64 on the model's device and the generator (``g_seed`` → a fresh one on the device).
+        Random labels (``labels=None``) are the first draw from the generator."""
         dev = self.lvl_1L.device
         if g_seed is not None and generator is not None:
             raise ValueError("pass either g_seed or generator, not both")
@@ -330,37 +374,116 @@ class VAR(nn.Module):
             labels = torch.multinomial(torch.ones(self.num_classes, device=dev), B, replacement=True, generator=rng)
         elif isinstance(labels, int):
             labels = torch.full((B,), self.num_classes if labels < 0 else labels, device=dev, dtype=torch.long)
-        labels = labels.to(dev).long()
-        K, temps = len(self.patch_nums), resolve_temperatures(temperature_schedule, len(self.patch_nums))
-        cond_BD = self.class_emb(torch.cat((labels, torch.full_like(labels, self.num_classes))))
+        return labels.to(dev).long(), rng
+
+    def sampling_prologue(self, labels_B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """CFG rows [labels; null class]: cond_BD (2B, D), lvl+pos embedding (1, L, C) and the scale-0 input
+        x (2B, first_l, C)."""
+        B = labels_B.shape[0]
+        cond_BD = self.class_emb(torch.cat((labels_B, torch.full_like(labels_B, self.num_classes))))
         lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC
         x = cond_BD.unsqueeze(1).expand(2 * B, self.first_l, -1) + self.pos_start + lvl_pos[:, :self.first_l]
-        H = self.patch_nums[-1]
-        f_hat = cond_BD.new_zeros(B, self.Cvae, H, H, dtype=torch.float32)
+        return cond_BD, lvl_pos, x
+
+    def sample_scale(self, si: int, x: Tensor, cond_BD: Tensor, lvl_pos: Tensor, f_hat: Tensor, vqvae: nn.Module,
+                     cfg: float, pick: Callable[[int, Tensor], Tensor],
+                     hook: HookFn | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One KV-cached sampling scale (caches must be on): blocks on the scale's 2B rows → raw logits
+        (2B, pn², V) fp32 → CFG mix → ``pick(si, mixed)`` → tokens (B, pn²) → f̂ += φ(…) in place → the next
+        scale's input (2B, pn_next², C), or None after the last scale. Every shape depends only on ``si``."""
+        K, pn = len(self.patch_nums), self.patch_nums[si]
+        bg, ed = self.begin_ends[si]
         prepare = getattr(hook, "prepare", None)
-        idx_list, logits_list = [], []
-        self._set_caching(True, hook)
-        try:
-            for si, pn in enumerate(self.patch_nums):
-                bg, ed = self.begin_ends[si]
-                add = prepare(bg, ed) if prepare is not None else None
-                h = self.run_blocks(x if add is None else x + add, cond_BD, None, hook)
-                logits = self.get_logits(h, cond_BD)
-                if return_logits:
-                    logits_list.append(logits)
-                mixed = cfg_mix(logits, cfg_ratio(si, K, cfg))
-                idx = sample_top_k_top_p(mixed, top_k, top_p, generator=rng, temperature=temps[si])
-                idx_list.append(idx)
-                emb = vqvae.quantize.embedding(idx).transpose(1, 2).reshape(B, self.Cvae, pn, pn).float()
-                f_hat, nxt = vqvae.next_autoregressive_input(si, f_hat, emb)
-                if si != K - 1:
-                    ne = self.begin_ends[si + 1][1]
-                    x = self.word_embed(nxt.flatten(2).transpose(1, 2)) + lvl_pos[:, ed:ne]
-                    x = x.repeat(2, 1, 1)
-        finally:
-            self._set_caching(False, hook)
+        add = prepare(bg, ed) if prepare is not None else None
+        h = self.run_blocks(x if add is None else x + add, cond_BD, None, hook)
+        logits = self.get_logits(h, cond_BD)
+        idx = pick(si, cfg_mix(logits, cfg_ratio(si, K, cfg)))
+        B = idx.shape[0]
+        emb = vqvae.quantize.embedding(idx).transpose(1, 2).reshape(B, self.Cvae, pn, pn).float()
+        _, nxt = vqvae.next_autoregressive_input(si, f_hat, emb)
+        if si == K - 1:
+            return logits, idx, None
+        ne = self.begin_ends[si + 1][1]
+        x = self.word_embed(nxt.flatten(2).transpose(1, 2)) + lvl_pos[:, ed:ne]
+        return logits, idx, x.repeat(2, 1, 1)
+
+    @torch.no_grad()
+    def autoregressive_infer_cfg(self, B: int, labels: Tensor | int | None = None, *, vqvae: nn.Module,
+                                 g_seed: int | None = None, generator: torch.Generator | None = None,
+                                 cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
+                                 temperature_schedule: float | Sequence[float] | None = None,
+                                 hook: HookFn | None = None, return_logits: bool = False, decode: bool = True,
+                                 sampler: str = "eager", sampler_compile: dict | None = None):
+        """KV-cached CFG sampling (spec §3.7 + ECM temperature §2.4). Rows [0, B) use ``labels``, rows
+        [B, 2B) the null class. Per scale: raw logits → (1+t)·cond − t·uncond, t = cfg·si/(K−1) → ÷ T_si →
+        top-k/top-p → multinomial with ``generator`` (or a fresh one seeded by ``g_seed``).
+
+        ``sampler``: ``eager`` (default: ``torch.multinomial`` per scale), ``static`` (:class:`StaticCFGSampler`:
+        preallocated buffers, the draw as argmax(p/q) with Exp(1) noise q from the same generator — the same
+        tokens as ``eager``, without host syncs) or ``graph`` (``static`` with one CUDA graph per scale, captured
+        on the first call of a configuration and cached on this module, see :meth:`clear_sampling_graphs`).
+        ``sampler_compile``: ``torch.compile`` kwargs for the per-scale step of ``static``/``graph`` (one graph
+        per scale; inductor's fusions change float rounding, so tokens may then differ from ``eager``).
+
+        Returns images in [0, 1] (or f̂ if ``decode=False``); with ``return_logits`` a tuple
+        ``(img, idx_list[(B, pn²)], raw_logits_list[(2B, pn², V) fp32, before CFG])``."""
+        labels, rng = self._resolve_sampling(B, labels, g_seed, generator)
+        temps = resolve_temperatures(temperature_schedule, len(self.patch_nums))
+        if sampler != "eager":
+            run = self.static_sampler(B, vqvae, cfg=cfg, top_k=top_k, top_p=top_p, temperatures=temps, hook=hook,
+                                      return_logits=return_logits, sampler=sampler, compile_kw=sampler_compile)
+            f_hat, idx_list, logits_list = run(labels, rng, hook)
+        else:
+            cond_BD, lvl_pos, x = self.sampling_prologue(labels)
+            H = self.patch_nums[-1]
+            f_hat = cond_BD.new_zeros(B, self.Cvae, H, H, dtype=torch.float32)
+            idx_list, logits_list = [], []
+
+            def pick(si: int, mixed: Tensor) -> Tensor:
+                return sample_top_k_top_p(mixed, top_k, top_p, generator=rng, temperature=temps[si])
+
+            self._set_caching(True, hook)
+            try:
+                for si in range(len(self.patch_nums)):
+                    logits, idx, x = self.sample_scale(si, x, cond_BD, lvl_pos, f_hat, vqvae, cfg, pick, hook)
+                    idx_list.append(idx)
+                    if return_logits:
+                        logits_list.append(logits)
+            finally:
+                self._set_caching(False, hook)
         out = vqvae.fhat_to_img(f_hat).float().add_(1).mul_(0.5) if decode else f_hat
         return (out, idx_list, logits_list) if return_logits else out
+
+    def static_sampler(self, B: int, vqvae: nn.Module, *, cfg: float, top_k: int, top_p: float,
+                       temperatures: Sequence[float], hook: HookFn | None = None, return_logits: bool = False,
+                       sampler: str = "static", compile_kw: dict | None = None) -> StaticCFGSampler:
+        """A :class:`StaticCFGSampler` for this configuration: a fresh one (``static``), or for ``graph`` the one
+        cached under the configuration key (batch, settings, autocast, hook key, VQVAE, compile kwargs)."""
+        from .fastpath import StaticCFGSampler
+
+        if sampler not in ("static", "graph"):
+            raise ValueError(f"sampler must be eager|static|graph, got {sampler!r}")
+        kw = {"cfg": cfg, "top_k": top_k, "top_p": top_p, "temperatures": tuple(temperatures), "hook": hook,
+              "return_logits": return_logits, "compile_kw": compile_kw}
+        if sampler == "static":
+            return StaticCFGSampler(self, vqvae, B, **kw)
+        dev = self.lvl_1L.device
+        if dev.type != "cuda":
+            raise ValueError(f"sampler='graph' needs the model on a CUDA device, not {dev}")
+        if hook is not None and not callable(getattr(hook, "static_key", None)):
+            raise ValueError("sampler='graph' needs a hook with static_key/static_clone/load_inputs_ (see VARHook)")
+        ac = (torch.is_autocast_enabled(dev.type), torch.get_autocast_dtype(dev.type))
+        key = (B, id(vqvae), cfg, top_k, top_p, tuple(temperatures), return_logits, ac, str(dev),
+               None if hook is None else hook.static_key(), repr(sorted((compile_kw or {}).items())))
+        cache = self.__dict__.setdefault("_graph_samplers", {})
+        if key not in cache:
+            cache[key] = StaticCFGSampler(self, vqvae, B, cuda_graph=True, **kw)
+        return cache[key]
+
+    def clear_sampling_graphs(self) -> None:
+        """Drop the cached CUDA-graph samplers (their graphs read parameters by address: call this after
+        replacing parameter tensors, e.g. moving the model; in-place updates are seen by the graphs)."""
+        self.__dict__.pop("_graph_samplers", None)
 
 
 def build_var(preset: str | None = "d16", **overrides) -> VAR:

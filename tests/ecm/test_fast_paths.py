@@ -1,0 +1,286 @@
+"""Speed paths of the ECM issue (acceptance 5): compile-friendly training (DropPath rate in a buffer, no graph breaks,
+no per-block recompiles), the static / CUDA-graph sampler (same tokens as the eager sampler), and the CPU smoke mode
+of bench/gpu_ecm.py. CUDA-only checks are marked ``gpu`` (skipped on CPU machines)."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+from torch import nn
+
+from lightning_modules.ecm.control import (
+    CONTROL_PRESETS,
+    ECMControlNet,
+    compile_control,
+    freeze_backbone,
+)
+from lightning_modules.ecm.fastpath import StaticCFGSampler, compile_blocks
+from lightning_modules.ecm.sampling import (
+    exponential_noise,
+    sample_top_k_top_p,
+    sample_with_noise,
+)
+from lightning_modules.ecm.var import DropPath, VARHook, build_var
+from lightning_modules.ecm.vqvae import build_vqvae
+
+REPO = Path(__file__).resolve().parents[2]
+TEMPS = [1.0, 1.0, 1.0, 1.0, 0.8, 0.7]  # tiny schedule: 6 scales
+
+
+def lively_var(depth=2, **kw):
+    torch.manual_seed(0)
+    m = build_var("tiny", **{"depth": depth, "embed_dim": 128, "num_heads": 2, **kw})
+    m.init_weights(init_head=1.0, aln_gamma=0.5)  # non-negligible logits: many distinct tokens
+    return m.eval()
+
+
+def lively_ctl(var, **kw):
+    torch.manual_seed(1)
+    c = ECMControlNet(var, **{**CONTROL_PRESETS["tiny"], "every": 1, "offset": 0, "gate_init": 0.5, **kw})
+    return c.eval()
+
+
+@pytest.fixture(scope="module")
+def vae():
+    torch.manual_seed(2)
+    return build_vqvae("tiny").eval()
+
+
+def _same_tokens(a, b):
+    return len(a) == len(b) and all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+# ----------------------------------------------------------------------------- sampling maths
+@pytest.mark.parametrize("n,V", [(1, 7), (37, 4096), (130, 512)])
+def test_multinomial_is_an_exponential_race(n, V):
+    """torch.multinomial(p, 1) == argmax(p / q), q = Exp(1) from the same generator: the static sampler's premise."""
+    logits = torch.randn(n, V, generator=torch.Generator().manual_seed(n)) * 3
+    logits[:, ::3] = float("-inf")  # filtered tokens (probability 0)
+    p = logits.softmax(-1)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(2):  # consecutive draws stay in step
+        a = torch.multinomial(p, 1, replacement=True, generator=g1).view(-1)
+        q = exponential_noise((n, V), g2)
+        assert torch.equal(a, (p / q).argmax(-1))
+    assert torch.equal(g1.get_state(), g2.get_state())
+    buf = torch.empty(n * V + 11)  # drawing into a slice of a larger buffer gives the same numbers
+    g3 = torch.Generator().manual_seed(5)
+    exponential_noise((n, V), g3, out=buf[:n * V])
+    assert torch.equal(buf[:n * V].view(n, V), exponential_noise((n, V), torch.Generator().manual_seed(5)))
+
+
+@pytest.mark.parametrize("top_k,top_p,temp", [(0, 0.0, 1.0), (20, 0.9, 1.0), (50, 0.96, 0.8), (3, 0.0, 1.3)])
+def test_sample_with_noise_equals_sample_top_k_top_p(top_k, top_p, temp):
+    logits = torch.randn(3, 25, 100, generator=torch.Generator().manual_seed(1))
+    keep = logits.clone()
+    a = sample_top_k_top_p(logits, top_k, top_p, generator=torch.Generator().manual_seed(9), temperature=temp)
+    q = exponential_noise((75, 100), torch.Generator().manual_seed(9))
+    b = sample_with_noise(logits, q, top_k, top_p, temperature=temp)
+    assert b.shape == (3, 25) and b.dtype == torch.int64 and torch.equal(a, b)
+    assert torch.equal(logits, keep)  # caller's logits untouched
+
+
+# ----------------------------------------------------------------------------- DropPath
+def test_droppath_rate_is_a_non_persistent_buffer():
+    m = build_var("tiny", depth=4, drop_path_rate=0.3)
+    dps = [b.drop_path for b in m.blocks]
+    assert isinstance(dps[0], nn.Identity) and all(isinstance(d, DropPath) for d in dps[1:])
+    assert [d.p for d in dps[1:]] == pytest.approx([0.1, 0.2, 0.3])
+    assert all(float(d.drop_prob) == pytest.approx(d.p) for d in dps[1:])
+    assert not any("drop" in k for k in m.state_dict())  # state-dict keys unchanged (strict official loading)
+    dps[1].p = 0.25
+    assert float(dps[1].drop_prob) == pytest.approx(0.25) and dps[1].p == 0.25
+    # meta → to_empty leaves the buffer uninitialised; loading a state dict re-fills it from p
+    with torch.device("meta"):
+        e = build_var("tiny", depth=4, drop_path_rate=0.3)
+    e = e.to_empty(device="cpu")
+    e.load_state_dict(m.state_dict())
+    assert [float(b.drop_path.drop_prob) for b in e.blocks[1:]] == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_droppath_statistics():
+    d = DropPath(0.4)
+    x = torch.ones(20000, 3, 2)
+    assert d.eval()(x) is x
+    torch.manual_seed(0)
+    y = d.train()(x)
+    rows = y[:, 0, 0]
+    assert torch.all(y == y[:, :1, :1])  # one draw per sample
+    assert abs(float((rows == 0).float().mean()) - 0.4) < 0.015
+    assert torch.allclose(rows[rows != 0], torch.full_like(rows[rows != 0], 1 / 0.6))
+
+
+# ----------------------------------------------------------------------------- compile
+def test_forward_compiles_without_graph_breaks():
+    var = lively_var(depth=3, drop_path_rate=0.2)
+    lab, x = torch.tensor([1, 2]), torch.randn(2, var.L - 1, var.Cvae)
+    var.train()  # drop-path + class dropout active
+    e = dynamo.explain(var)(lab, x)
+    assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons
+    var.eval()
+    e = dynamo.explain(var)(lab, x, prog_si=3)
+    assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons
+    ctl = lively_ctl(freeze_backbone(var), every=2, offset=1, control_drop_rate=0.1).train()
+    cond = torch.rand(2, 3, 64, 64) * 2 - 1
+    e = dynamo.explain(lambda lb, xx, c: ctl(var, lb, xx, cond_img=c, prog_si=4))(lab, x, cond)
+    assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons
+
+
+def _count_regional_graphs(depth: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """Graphs compiled for a train forward+backward of the VAR and of an ECM forward (adapter after every block),
+    and the compiled / uncompiled ECM logits."""
+    dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    var = lively_var(depth=depth, embed_dim=64, drop_path_rate=0.3)
+    ctl = lively_ctl(freeze_backbone(var))
+    lab, x, cond = torch.tensor([1, 2]), torch.randn(2, var.L - 1, var.Cvae), torch.rand(2, 3, 64, 64) * 2 - 1
+    expect = ctl(var, lab, x, cond_img=cond, prog_si=4).detach()  # before compiling
+    compile_blocks(var, backend=backend, dynamic=False)
+    var.requires_grad_(True).train()
+    var(lab, x).sum().backward()
+    n_var = len(graphs)
+    freeze_backbone(var)
+    compile_control(ctl, backend=backend, dynamic=False)
+    out = ctl(var, lab, x, cond_img=cond, prog_si=4).detach()
+    dynamo.reset()
+    return n_var, len(graphs) - n_var, out, expect
+
+
+def test_regional_compile_has_no_per_block_recompiles():
+    """Blocks with different drop-path rates share a graph: the graph count does not grow with depth."""
+    n2, e2, out2, ref2 = _count_regional_graphs(2)
+    n5, e5, out5, ref5 = _count_regional_graphs(5)
+    assert n2 == n5 == 2  # block 0 (Identity) + blocks with DropPath; one sequence length, train mode
+    assert e2 == e5 <= 5  # eval blocks (2) + adapter 0 / later adapters (2: strided r slice) + ViT block (1)
+    assert torch.allclose(out2, ref2, atol=1e-5) and torch.allclose(out5, ref5, atol=1e-5)
+    assert list(build_var("tiny").state_dict()) == list(compile_blocks(build_var("tiny")).state_dict())
+
+
+# ----------------------------------------------------------------------------- static sampler (CPU)
+@pytest.mark.parametrize("labels,top_k,top_p,temps,cfg", [
+    (None, 50, 0.9, TEMPS, 1.5),                 # random labels: first draw of the same generator
+    (torch.tensor([1, 2, 3]), 0, 0.0, None, 2.0),  # no filtering, constant T
+    (torch.tensor([0, 9, 4]), 100, 0.96, 0.9, 0.0),
+])
+def test_static_sampler_matches_eager_var(vae, labels, top_k, top_p, temps, cfg):
+    var = lively_var()
+    kw = {"vqvae": vae, "cfg": cfg, "top_k": top_k, "top_p": top_p, "temperature_schedule": temps,
+          "return_logits": True}
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    img_a, idx_a, raw_a = var.autoregressive_infer_cfg(3, labels, generator=g1, **kw)
+    img_b, idx_b, raw_b = var.autoregressive_infer_cfg(3, labels, generator=g2, sampler="static", **kw)
+    assert _same_tokens(idx_a, idx_b) and _same_tokens(raw_a, raw_b) and torch.equal(img_a, img_b)
+    assert len({int(t) for t in torch.cat(idx_a, 1).flatten()}) > 20  # a real sample, not a constant
+    assert torch.equal(g1.get_state(), g2.get_state())  # the generator ends in the same state
+    assert all(b.attn.cached_k is None and not b.attn.caching for b in var.blocks)  # caches released
+    # g_seed path, decode=False
+    f_a = var.autoregressive_infer_cfg(3, labels, vqvae=vae, g_seed=5, decode=False)
+    f_b = var.autoregressive_infer_cfg(3, labels, vqvae=vae, g_seed=5, decode=False, sampler="static")
+    assert torch.equal(f_a, f_b)
+
+
+@pytest.mark.parametrize("cfg_control", ["both", "cond_only"])
+def test_static_sampler_matches_eager_ecm(vae, cfg_control):
+    var = freeze_backbone(lively_var())
+    ctl = lively_ctl(var, num_condition_types=2)
+    cond, tidx = torch.rand(3, 3, 64, 64) * 2 - 1, torch.tensor([0, 1, 1])
+    kw = {"cfg": 1.5, "top_k": 50, "top_p": 0.9, "temperature_schedule": TEMPS, "return_logits": True,
+          "decode": False, "cfg_control": cfg_control, "type_idx": tidx}
+    a = ctl.sample(var, vae, 3, torch.tensor([1, 2, 3]), cond_img=cond, g_seed=5, **kw)
+    b = ctl.sample(var, vae, 3, torch.tensor([1, 2, 3]), cond_img=cond, g_seed=5, sampler="static", **kw)
+    assert _same_tokens(a[1], b[1]) and _same_tokens(a[2], b[2]) and torch.equal(a[0], b[0])
+    base = var.autoregressive_infer_cfg(3, torch.tensor([1, 2, 3]), vqvae=vae, g_seed=5, return_logits=True,
+                                        decode=False, **{k: kw[k] for k in ("cfg", "top_k", "top_p",
+                                                                             "temperature_schedule")})
+    assert not _same_tokens(a[1], base[1])  # the control is active (gates 0.5)
+    assert all(ad.attn.cached_k is None and not ad.attn.caching for ad in ctl.adapters)
+
+
+def test_static_sampler_with_compiled_step_matches_eager(vae):
+    """The per-scale step traces into one graph per scale (backend 'eager': same ops → same tokens)."""
+    var = freeze_backbone(lively_var())
+    ctl = lively_ctl(var)
+    cond = torch.rand(2, 3, 64, 64) * 2 - 1
+    dynamo.reset()
+    kw = {"cfg": 1.5, "top_k": 50, "top_p": 0.9, "temperature_schedule": TEMPS, "return_logits": True,
+          "decode": False}
+    a = ctl.sample(var, vae, 2, torch.tensor([4, 5]), cond_img=cond, g_seed=1, **kw)
+    b = ctl.sample(var, vae, 2, torch.tensor([4, 5]), cond_img=cond, g_seed=1, sampler="static",
+                   sampler_compile={"backend": "eager"}, **kw)
+    dynamo.reset()
+    assert _same_tokens(a[1], b[1]) and torch.equal(a[0], b[0])
+
+
+def test_sampler_argument_errors(vae):
+    var = lively_var()
+    with pytest.raises(ValueError, match="CUDA"):
+        var.autoregressive_infer_cfg(2, 1, vqvae=vae, g_seed=0, sampler="graph")
+    with pytest.raises(ValueError, match="eager|static|graph"):
+        var.autoregressive_infer_cfg(2, 1, vqvae=vae, g_seed=0, sampler="fast")
+
+    class OwnCache(VARHook):  # caches keys/values but does not list its modules
+        def kv_caching(self, enable, max_len=None):
+            pass
+
+    with pytest.raises(ValueError, match="cache_modules"):
+        var.autoregressive_infer_cfg(2, 1, vqvae=vae, g_seed=0, sampler="static", hook=OwnCache())
+    with pytest.raises(ValueError, match="temperatures"):
+        StaticCFGSampler(var, vae, 2, cfg=1.5, top_k=0, top_p=0.0, temperatures=[1.0])
+
+
+# ----------------------------------------------------------------------------- CUDA (skipped on CPU)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", [False, True])
+def test_cuda_graph_sampler_matches_eager(amp):
+    dev = "cuda"
+    with torch.device(dev):
+        var = freeze_backbone(lively_var())
+        ctl = lively_ctl(var)
+        torch.manual_seed(2)
+        vq = build_vqvae("tiny").eval()
+    cond, lab = torch.rand(4, 3, 64, 64, device=dev) * 2 - 1, torch.tensor([1, 2, 3, 4], device=dev)
+    kw = {"cfg": 1.5, "top_k": 50, "top_p": 0.9, "temperature_schedule": TEMPS, "return_logits": True,
+          "decode": False}
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        for hook_on in (False, True):
+            def sample(seed, sampler, hook_on=hook_on):
+                g = torch.Generator(device=dev).manual_seed(seed)
+                if hook_on:
+                    return ctl.sample(var, vq, 4, lab, cond_img=cond, generator=g, sampler=sampler, **kw), g
+                return var.autoregressive_infer_cfg(4, lab, vqvae=vq, generator=g, sampler=sampler, **kw), g
+
+            (ea, ga) = sample(7, "eager")
+            (gr, gg) = sample(7, "graph")  # captures
+            (gr2, _) = sample(7, "graph")  # replays
+            (gr3, _) = sample(8, "graph")
+            assert _same_tokens(ea[1], gr[1]) and _same_tokens(ea[1], gr2[1]) and torch.equal(ea[0], gr2[0])
+            assert torch.equal(ga.get_state(), gg.get_state())
+            assert not _same_tokens(gr2[1], gr3[1])
+    assert len(var.__dict__.get("_graph_samplers", {})) == 2  # base and ECM (one autocast setting per test)
+    var.clear_sampling_graphs()
+
+
+# ----------------------------------------------------------------------------- bench smoke
+def test_gpu_bench_cpu_smoke():
+    """bench/gpu_ecm.py --smoke --device cpu: every case kind once on tiny models (Lightning-free import path)."""
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_ecm.py"), "--smoke", "--device", "cpu"],
+                       check=False, capture_output=True, text=True, timeout=300, cwd=REPO)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "FAILED" not in out and "SKIPPED" not in out, out[-3000:]
+    for case in ("var_train_130 ", "ecm_train_s3 ", "ecm_fullft_130 ", "sample_base_b2_static", "sample_ecm_b2_eager",
+                 "var_train_130c ", "ecm_train_s3c ", "ecm_fullft_130c "):
+        assert case in out, case
+    assert out.count("eager==static 260/260, generator state equal") == 2, out[-3000:]
+    assert "done in" in out
+    print(f"bench smoke wall {time.perf_counter() - t:.1f} s")
