@@ -39,11 +39,11 @@ def test_frozen_prefixes_stay_out_of_checkpoints(shapes_shards, tmp_path):
 
     TinyAEModule.frozen_prefixes = ("dec.",)
     try:
-        cli = _fit(shapes_shards, tmp_path, 2)
+        cli = _fit(shapes_shards, tmp_path, 2, ["--model.init_args.freeze_decoder=true"])
         ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
         assert not any(k.startswith("dec.") for k in ckpt["state_dict"])
         assert any(k.startswith("enc.") for k in ckpt["state_dict"])
-        model = TinyAEModule()
+        model = TinyAEModule(freeze_decoder=True)
         before = model.dec[1].weight.clone()
         model.on_load_checkpoint(ckpt)
         model.load_state_dict(ckpt["state_dict"])  # strict: the frozen part is kept from the live module

@@ -7,6 +7,8 @@
   timesteps and rollouts, which must differ across ranks; Lightning's global seed keeps init identical across ranks.
   Its state travels in checkpoints, so a resumed run continues the same random stream.
 - Frozen bases (``frozen_prefixes``) stay out of checkpoints: they are reloaded from their own files by the config.
+  What trains inside a frozen base stays in: keys of trainable parameters (``requires_grad`` or in an optimizer, e.g.
+  peft LoRA weights ``unet.<path>.lora_A.<adapter>.weight``) and keys matching ``keep_in_checkpoint`` are kept.
 """
 
 from __future__ import annotations
@@ -45,7 +47,12 @@ def decay_groups(named: Iterable[tuple[str, torch.nn.Parameter]], no_decay_keywo
 class BaseGenModule(L.LightningModule):
     """Base of every method's module. Subclasses implement ``model_step`` and may override ``param_groups``."""
 
+    # state-dict key prefixes of frozen bases ("unet.", "vae."): dropped from checkpoints and taken from the live module
+    # (loaded from its own files) on load; trainable parameters under them (LoRA) are kept, see on_save_checkpoint
     frozen_prefixes: tuple[str, ...] = ()
+    # substrings of state-dict keys kept in checkpoints although under frozen_prefixes and not trainable (e.g. a buffer
+    # a method updates inside a frozen base, or ".lora_" to keep adapters that are frozen in the current phase)
+    keep_in_checkpoint: tuple[str, ...] = ()
     # init arguments that `test/predict --ckpt_path` take from the config/CLI, not from the checkpoint's saved
     # hyper-parameters (paths of frozen bases, sampling and evaluation settings)
     runtime_args: tuple[str, ...] = ()
@@ -132,19 +139,38 @@ class BaseGenModule(L.LightningModule):
         return self._step(batch, "test")
 
     # ------------------------------------------------------------------------------------------------- checkpoints
+    def checkpoint_kept_keys(self) -> set[str]:
+        """State-dict keys kept in checkpoints even under ``frozen_prefixes``: trainable parameters (``requires_grad``,
+        or held by one of the trainer's optimizers, which covers ``toggle_optimizer`` phases) inside a frozen base, and
+        keys that contain a ``keep_in_checkpoint`` substring."""
+        in_opt: set[int] = set()
+        if self._trainer is not None:
+            for opt in self._trainer.optimizers:
+                in_opt.update(id(p) for g in opt.param_groups for p in g["params"])
+        named = [(n, p.requires_grad or id(p) in in_opt) for n, p in self.named_parameters(remove_duplicate=False)]
+        keep = {n for n, trainable in named if trainable and n.startswith(self.frozen_prefixes)}
+        if self.keep_in_checkpoint:
+            keep.update(k for k in self.state_dict() if any(s in k for s in self.keep_in_checkpoint))
+        return keep
+
+    def _dropped(self, key: str, kept: set[str]) -> bool:
+        return key.startswith(self.frozen_prefixes) and key not in kept
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.frozen_prefixes:
-            sd = checkpoint["state_dict"]
-            for k in [k for k in sd if k.startswith(self.frozen_prefixes)]:
+        if self.frozen_prefixes:  # frozen base weights out; what trains inside them (LoRA) and kept keys stay
+            sd, kept = checkpoint["state_dict"], self.checkpoint_kept_keys()
+            for k in [k for k in sd if self._dropped(k, kept)]:
                 del sd[k]
         if self.gen is not None:
             checkpoint["ctrlgen_generator_state"] = self.gen.get_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.frozen_prefixes:  # the frozen base was loaded from its own files: keep it
-            sd = checkpoint["state_dict"]
+            sd, kept = checkpoint["state_dict"], self.checkpoint_kept_keys()
             for k, v in self.state_dict().items():
-                if k.startswith(self.frozen_prefixes) and k not in sd:
+                # only frozen keys come from the live module: a kept (trainable) key missing from the checkpoint
+                # is left missing, so strict loading names it instead of silently keeping the fresh init
+                if k not in sd and self._dropped(k, kept):
                     sd[k] = v
         self._gen_state = checkpoint.get("ctrlgen_generator_state")
         self.gen = None  # rebuilt from the saved state by ensure_generator() once the module sits on its device

@@ -15,11 +15,13 @@ from lightning_modules.common.base import BaseGenModule
 
 
 class TinyAEModule(BaseGenModule):
-    def __init__(self, width: int = 8, noise: float = 0.05, **kwargs: Any):
+    def __init__(self, width: int = 8, noise: float = 0.05, freeze_decoder: bool = False, **kwargs: Any):
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.enc = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1), nn.SiLU(), nn.Dropout(0.1), nn.Conv2d(width, width, 3, 1, 1))
         self.dec = nn.Sequential(nn.SiLU(), nn.ConvTranspose2d(width, 3, 4, 2, 1))
+        if freeze_decoder:  # a stand-in for a frozen base (tests of frozen_prefixes)
+            self.dec.requires_grad_(False)
         self.noise = noise
         self.seen_noise: list[torch.Tensor] = []
         self.seen_keys: list[list[str]] = []
