@@ -6,14 +6,17 @@ of ``(seed, rank, worker, epoch)`` only, and the datamodule records how many bat
 so a run resumed from a checkpoint sees exactly the batches the uninterrupted run would have seen (it re-reads at most
 one epoch). Val/test/predict read every sample once, shards split over ranks then workers (exact splits).
 Corrupt samples are skipped and counted (``datamodules.shards.SKIPS``; logged by ``callbacks.DataHealthCallback``).
+``ResumableDataModule`` holds the epoch cut and the resume bookkeeping that ``BaseWdsDataModule``,
+``datamodules.multi.MultiStreamDataModule`` and ``datamodules.prompts.PromptDataModule`` share.
 """
 
 from __future__ import annotations
 
 import random
 import zlib
-from itertools import islice
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from itertools import count, islice
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -86,26 +89,34 @@ class _Stream(IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
-    def __iter__(self) -> Iterator[dict]:
+    def epoch_rng(self) -> tuple[random.Random, int, int]:
+        """Start the next pass: its rng (a function of seed, rank, worker and epoch), worker id and worker count."""
         worker, nworkers = _worker()
         epoch = self.start_epoch + self._iters
         self._iters += 1
-        rng = random.Random(_seed(self.seed, self.rank, worker, epoch))
-        batch: list[dict] = []
-        url = None
+        return random.Random(_seed(self.seed, self.rank, worker, epoch)), worker, nworkers
+
+    def items(self, rng: random.Random, worker: int, nworkers: int) -> Iterator[tuple[str | None, dict]]:
+        """Decoded single items with their shard URL (unbatched; corrupt samples skipped and counted)."""
         for raw in self._shuffled(self._raw(rng, worker, nworkers), rng):
-            if not self.train and batch and raw.get("__url__") != url:
-                yield self._finish(batch, worker)  # eval batches never span shards: same batches for any world size
-                batch = []
-            url = raw.get("__url__")
             try:
                 sample = {k: (v if k.startswith("__") else decode_value(k, v)) for k, v in raw.items()}
                 item = self.item_fn(sample, rng)
             except Exception as e:  # noqa: BLE001 - corrupt or incomplete sample: skip and count, never crash
                 SKIPS.handler(e)
                 continue
-            if item is None:
-                continue
+            if item is not None:
+                yield raw.get("__url__"), item
+
+    def __iter__(self) -> Iterator[dict]:
+        rng, worker, nworkers = self.epoch_rng()
+        batch: list[dict] = []
+        url = None
+        for item_url, item in self.items(rng, worker, nworkers):
+            if not self.train and batch and item_url != url:
+                yield self._finish(batch, worker)  # eval batches never span shards: same batches for any world size
+                batch = []
+            url = item_url
             batch.append(item)
             if len(batch) == self.batch_size:
                 yield self._finish(batch, worker)
@@ -139,20 +150,93 @@ class _EpochLoader:
         yield from islice(iter(self.loader), skip, self.n)
 
 
+def make_loader(ds: IterableDataset, workers: int, *seed_parts: int | str) -> DataLoader:
+    """A DataLoader of already-batched items with its own generator: creating loader iterators must not draw from the
+    global RNG (resume reproducibility)."""
+    gen = torch.Generator().manual_seed(_seed(*seed_parts))
+    return DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                      pin_memory=torch.cuda.is_available(), generator=gen)
+
+
+def eval_workers(urls: list[str], world: int, workers: int, what: str) -> int:
+    """Check an exact eval split (shards a multiple of world size) and cap workers at the shards per rank."""
+    if world > 1 and len(urls) % world:
+        raise ValueError(f"{what}: {len(urls)} shards cannot be split equally over {world} ranks; "
+                         "write a multiple of world_size equal-sized shards (uneven eval splits hang DDP)")
+    return min(workers, max(1, len(urls) // world))
+
+
 class BaseDataModule(L.LightningDataModule):
     """What every method's data shares: batch size, workers, resolution and a data seed."""
 
     def __init__(self, batch_size: int = 8, num_workers: int = 2, resolution: int = 256, seed: int = 0):
         super().__init__()
         self.batch_size, self.num_workers, self.resolution, self.seed = batch_size, num_workers, resolution, seed
+        self._rank_world: tuple[int, int] | None = None
 
     @property
     def rank_and_world(self) -> tuple[int, int]:
+        """(global rank, world size) from the trainer; tests may set it to simulate a rank without a process group."""
+        if self._rank_world is not None:
+            return self._rank_world
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
+    @rank_and_world.setter
+    def rank_and_world(self, value: tuple[int, int]) -> None:
+        self._rank_world = (int(value[0]), int(value[1]))
 
-class BaseWdsDataModule(BaseDataModule):
+
+class ResumableDataModule(BaseDataModule):
+    """Training data cut into epochs of ``train_batches_per_epoch`` batches per rank, with exact mid-epoch resume.
+
+    Subclasses build a loader whose dataset's pass ``k`` is epoch ``start_epoch + k`` (a function of seed, rank, worker
+    and epoch only) and hand it to ``epoch_loader``; the consumed-batch count travels in checkpoints.
+    """
+
+    def __init__(self, batch_size: int = 8, num_workers: int = 2, resolution: int = 256, seed: int = 0,
+                 train_batches_per_epoch: int = 1000):
+        super().__init__(batch_size=batch_size, num_workers=num_workers, resolution=resolution, seed=seed)
+        self.train_batches_per_epoch = train_batches_per_epoch
+        self._epoch, self._consumed = 0, 0  # stream epoch being read, batches of it consumed (saved in checkpoints)
+        self._resume: dict[str, int] | None = None
+
+    def resume_position(self) -> tuple[int, int]:
+        """(epoch to start the training stream at, batches of it to skip); consumes the loaded checkpoint state."""
+        epoch, skip = 0, 0
+        if self._resume:
+            epoch, skip = self._resume["epoch"], self._resume["consumed"]
+            if skip >= self.train_batches_per_epoch:
+                epoch, skip = epoch + 1, 0
+            self._resume = None
+        return epoch, skip
+
+    def epoch_loader(self, loader: DataLoader, start_epoch: int, skip: int) -> _EpochLoader:
+        """Cut ``loader`` (whose pass k is stream epoch ``start_epoch + k``) into epochs, skipping ``skip`` batches once.
+
+        The stream epoch is counted here, not read from ``trainer.current_epoch``: Lightning counts an epoch stopped by
+        ``max_steps`` as completed before ``on_train_end`` saves ``last.ckpt``, which would resume one epoch too far."""
+        passes = count(start_epoch)
+
+        def on_epoch(consumed: int) -> None:
+            self._epoch, self._consumed = next(passes), consumed
+
+        return _EpochLoader(loader, self.train_batches_per_epoch, skip, on_epoch=on_epoch)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        t = self.trainer
+        if t is not None and t.training:
+            self._consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "consumed": self._consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state)
+
+
+class BaseWdsDataModule(ResumableDataModule):
     """WebDataset shards → batches of dicts. Subclasses implement ``to_item`` and declare ``required_keys``."""
 
     required_keys: Sequence[str] = ()
@@ -161,13 +245,12 @@ class BaseWdsDataModule(BaseDataModule):
                  test_shards: str | list[str] | None = None, predict_shards: str | list[str] | None = None,
                  batch_size: int = 8, num_workers: int = 2, resolution: int = 256, seed: int = 0,
                  train_batches_per_epoch: int = 1000, shuffle_buffer: int = 500, eval_batch_size: int | None = None):
-        super().__init__(batch_size=batch_size, num_workers=num_workers, resolution=resolution, seed=seed)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, resolution=resolution, seed=seed,
+                         train_batches_per_epoch=train_batches_per_epoch)
         self.shards = {"train": train_shards, "val": val_shards, "test": test_shards, "predict": predict_shards}
-        self.train_batches_per_epoch, self.shuffle_buffer = train_batches_per_epoch, shuffle_buffer
+        self.shuffle_buffer = shuffle_buffer
         self.eval_batch_size = eval_batch_size or batch_size
         self._urls: dict[str, list[str]] = {}
-        self._consumed = 0  # training batches consumed in the current epoch (saved in checkpoints)
-        self._resume: dict[str, int] | None = None
 
     # ---------------------------------------------------------------------------------------------- subclass hooks
     def to_item(self, sample: dict[str, Any], rng: random.Random, stage: str) -> dict[str, Any] | None:
@@ -196,29 +279,15 @@ class BaseWdsDataModule(BaseDataModule):
         rank, world = self.rank_and_world
         urls = self._stage_urls(stage)
         if not train:
-            if world > 1 and len(urls) % world:
-                raise ValueError(f"data.{stage}_shards: {len(urls)} shards cannot be split equally over {world} ranks; "
-                                 "write a multiple of world_size equal-sized shards (uneven eval splits hang DDP)")
-            workers = min(workers, max(1, len(urls) // world))
+            workers = eval_workers(urls, world, workers, f"data.{stage}_shards")
         ds = _Stream(urls, lambda s, rng: self.to_item(s, rng, stage), batch_size, train, seed=self.seed, rank=rank,
                      world_size=world, shuffle_buffer=self.shuffle_buffer if train else 0, start_epoch=start_epoch)
-        # own generator: creating loader iterators must not draw from the global RNG (resume reproducibility)
-        gen = torch.Generator().manual_seed(_seed(self.seed, rank, stage))
-        return DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                          pin_memory=torch.cuda.is_available(), generator=gen)
+        return make_loader(ds, workers, self.seed, rank, stage)
 
     def train_dataloader(self) -> _EpochLoader:
-        epoch, skip = 0, 0
-        if self._resume:
-            epoch, skip = self._resume["epoch"], self._resume["consumed"]
-            if skip >= self.train_batches_per_epoch:
-                epoch, skip = epoch + 1, 0
-            self._resume = None
-        loader = self._loader("train", self.batch_size, True, self.num_workers, start_epoch=epoch)
-        return _EpochLoader(loader, self.train_batches_per_epoch, skip, on_epoch=self._start_epoch)
-
-    def _start_epoch(self, consumed: int) -> None:
-        self._consumed = consumed
+        epoch, skip = self.resume_position()
+        return self.epoch_loader(self._loader("train", self.batch_size, True, self.num_workers, start_epoch=epoch),
+                                 epoch, skip)
 
     def _eval_loader(self, stage: str) -> DataLoader | list:
         if self.shards[stage] is None:
@@ -233,18 +302,3 @@ class BaseWdsDataModule(BaseDataModule):
 
     def predict_dataloader(self):
         return self._eval_loader("predict")
-
-    # ------------------------------------------------------------------------------------- exact resume of the stream
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        t = self.trainer
-        if t is not None and t.training:
-            self._consumed += 1
-        return batch
-
-    def state_dict(self) -> dict[str, int]:
-        t = self.trainer
-        epoch = t.current_epoch if t is not None else 0
-        return {"epoch": epoch, "consumed": self._consumed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume = dict(state)
