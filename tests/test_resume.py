@@ -51,3 +51,16 @@ def test_frozen_prefixes_stay_out_of_checkpoints(shapes_shards, tmp_path):
         assert torch.equal(model.enc[0].weight, cli.model.enc[0].weight)
     finally:
         TinyAEModule.frozen_prefixes = ()
+
+
+def test_resume_from_checkpoint_saved_at_train_end_mid_epoch(shapes_shards, tmp_path):
+    """No validation: last.ckpt is written when max_steps stops the run in the middle of an epoch, after Lightning has
+    already counted that epoch as finished; the data stream must still resume inside it (not one epoch further)."""
+    extra = ["--trainer.limit_val_batches=0"]
+    straight = _fit(shapes_shards, tmp_path / "a", 6, extra)
+    _fit(shapes_shards, tmp_path / "b", 3, extra)  # 3 of 4 batches of epoch 0
+    resumed = _fit(shapes_shards, tmp_path / "b", 6, [*extra, "--ckpt_path=last"])
+    assert straight.model.seen_keys[3:] == resumed.model.seen_keys  # the same samples, in order
+    sa, sb = straight.model.state_dict(), resumed.model.state_dict()
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], atol=1e-6, rtol=0), k
