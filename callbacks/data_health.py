@@ -15,35 +15,38 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 class DataHealthCallback(L.Callback):
     def __init__(self) -> None:
-        self.per_worker: dict[tuple[str, int], int] = {}
+        self.per_worker: dict[tuple, int] = {}  # (stage, dataloader_idx, worker) or ("main", 0): max cumulative skips
         self.before_resume = 0  # skips counted before the run was resumed (new workers count from zero)
 
     @property
     def skipped(self) -> int:
         return self.before_resume + sum(self.per_worker.values())
 
-    def _update(self, batch: Any, stage: str) -> bool:
+    def _update(self, batch: Any, stage: str, loaders: Any = None, dataloader_idx: int = 0) -> bool:
         if not isinstance(batch, dict) or "_data_health" not in batch:
             return False
         worker, count = (int(x) for x in batch.pop("_data_health").tolist())
-        key = (stage, worker)
+        loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+        loader = getattr(loader, "loader", loader)  # the DataLoader inside a training _EpochLoader
+        # num_workers=0: every such loader (train and eval) reports this process's one counter: count it once
+        key = ("main", 0) if getattr(loader, "num_workers", None) == 0 else (stage, dataloader_idx, worker)
         before = self.per_worker.get(key, 0)
         self.per_worker[key] = max(before, count)
         return self.per_worker[key] > before
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._update(batch, "train"):
+        if self._update(batch, "train", trainer.train_dataloader):
             rank_zero_warn(f"data: {self.skipped} corrupt or incomplete samples skipped so far (see data/skipped)")
         pl_module.log("data/skipped", float(self.skipped), on_step=True, on_epoch=False, batch_size=1)
 
     def on_validation_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update(batch, "val")
+        self._update(batch, "val", trainer.val_dataloaders, dataloader_idx)
 
     def on_test_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update(batch, "test")
+        self._update(batch, "test", trainer.test_dataloaders, dataloader_idx)
 
     def on_predict_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update(batch, "predict")
+        self._update(batch, "predict", trainer.predict_dataloaders, dataloader_idx)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         total = torch.tensor(float(self.skipped), device=pl_module.device)

@@ -65,6 +65,7 @@ class BaseGenModule(L.LightningModule):
         self.scheduler_interval = scheduler_interval
         self.gen: torch.Generator | None = None
         self._gen_state: torch.Tensor | None = None
+        self._eval_loss: dict[str, torch.Tensor] = {}  # stage -> (sum of loss x batch size, samples) over eval loaders
 
     # ---------------------------------------------------------------------------------------------------- optimizers
     def param_groups(self) -> list[dict] | list[torch.nn.Parameter]:
@@ -125,17 +126,37 @@ class BaseGenModule(L.LightningModule):
         bs = _batch_size(batch)
         for k, v in out.items():
             v = v.detach().float() if torch.is_tensor(v) else float(v)
+            # several eval loaders (one per stream of a MultiStreamDataModule): Lightning suffixes the keys with
+            # /dataloader_idx_<i>; the overall {stage}/loss (checkpoint monitor) is logged by _log_eval_loss
             self.log(f"{stage}/{k}", v, prog_bar=k == "loss", on_step=stage == "train", on_epoch=stage != "train",
                      batch_size=bs, sync_dist=stage != "train")
+        t = self._trainer
+        if stage in ("val", "test") and t is not None and len(getattr(t, f"num_{stage}_batches")) > 1:
+            n = float(bs or 1)
+            total = self._eval_loss.setdefault(stage, torch.zeros(2, device=self.device))
+            total += torch.stack([out["loss"].detach().float().reshape(()) * n, torch.tensor(n, device=self.device)])
         return out["loss"]
+
+    def _log_eval_loss(self, stage: str) -> None:
+        """With several eval loaders: ``{stage}/loss`` = mean over all their samples on all ranks."""
+        total = self._eval_loss.pop(stage, None)
+        if total is not None:
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+            self.log(f"{stage}/loss", total[0] / total[1], prog_bar=True, sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_loss("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_loss("test")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         return self._step(batch, "val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         return self._step(batch, "test")
 
     # ------------------------------------------------------------------------------------------------- checkpoints
@@ -183,8 +204,14 @@ class BaseGenModule(L.LightningModule):
 
 
 def _batch_size(batch: Any) -> int | None:
+    """Leading size of the first tensor of a dict batch, else of its first nested ``{stream: batch}`` (multi-stream
+    batches; Lightning's own inference warns when the streams' sizes differ)."""
     if isinstance(batch, dict):
-        for k, v in batch.items():
-            if not k.startswith("_") and torch.is_tensor(v) and v.ndim > 0:
+        items = [(k, v) for k, v in batch.items() if not str(k).startswith("_")]
+        for _, v in items:
+            if torch.is_tensor(v) and v.ndim > 0:
                 return int(v.shape[0])
+        for _, v in items:
+            if isinstance(v, dict) and (n := _batch_size(v)) is not None:
+                return n
     return None

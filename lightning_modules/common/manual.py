@@ -182,10 +182,23 @@ class ManualOptimModule(BaseGenModule):
 
     # ----------------------------------------------------------------------------------------------------- iterations
     def training_step(self, batch: Any, batch_idx: int) -> Any:
+        self._drop_stale_update_logs()
         out = self.train_iteration(batch, batch_idx)
         self.iteration += 1
         self._stop_if_done()
         return out
+
+    def _drop_stale_update_logs(self) -> None:
+        """Lightning 2.6.6 sends the last value of every ``on_step`` key to the logger at each later step of the epoch:
+        an optimizer that sits out this iteration would log its previous loss/lr/grad_norm again. ``update`` re-arms."""
+        results = getattr(self._trainer, "_results", None) if self._trainer is not None else None
+        if results is None:
+            return
+        for name in self._opt_names:
+            for key in ("loss", "lr", "grad_norm"):
+                metric = results.get(f"training_step.train/{name}/{key}")
+                if metric is not None:
+                    metric.has_reset = True
 
     def _stop_if_done(self) -> None:
         if self.max_iterations is not None and self.iteration >= self.max_iterations:

@@ -120,6 +120,7 @@ class ECMModule(VARBase):
         return loss
 
     def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()  # overall test/loss when there are several test loaders
         if self.eval_base and "canny" in self.condition_types:  # paired margin ± SEM over all ranks' test images
             margin, sem = self.f1_margin.compute()
             self.log("test/canny_f1_margin", float(margin), sync_dist=False)
