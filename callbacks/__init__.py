@@ -1,5 +1,6 @@
 """Callbacks shared by every method (import path ``callbacks.<Name>`` in YAML)."""
 
+from callbacks.checkpoint import RunCheckpoint
 from callbacks.data_health import DataHealthCallback
 from callbacks.hpc_prune import HPCCheckpointPrune, SafeRequeue
 from callbacks.images import ImageGridLogger, make_grid
@@ -10,4 +11,4 @@ from callbacks.throughput import ThroughputCallback
 from callbacks.wandb_config import WandbSaveConfig
 
 __all__ = ["DataHealthCallback", "HPCCheckpointPrune", "ImageGridLogger", "PredictionWriter", "RNGStateCallback",
-           "SafeRequeue", "TestResultsWriter", "ThroughputCallback", "WandbSaveConfig", "make_grid"]
+           "RunCheckpoint", "SafeRequeue", "TestResultsWriter", "ThroughputCallback", "WandbSaveConfig", "make_grid"]

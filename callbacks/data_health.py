@@ -17,6 +17,14 @@ class DataHealthCallback(L.Callback):
     def __init__(self) -> None:
         self.per_worker: dict[tuple, int] = {}  # (stage, dataloader_idx, worker) or ("main", 0): max cumulative skips
         self.before_resume = 0  # skips counted before the run was resumed (new workers count from zero)
+        # the main process's counter (num_workers=0) is per process: a second run in the same process (the demo's
+        # stages, tests) starts from what earlier runs skipped, so count from its value when this run starts
+        self.main_baseline = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from datamodules.shards import SKIPS
+
+        self.main_baseline = SKIPS.total
 
     @property
     def skipped(self) -> int:
@@ -30,6 +38,8 @@ class DataHealthCallback(L.Callback):
         loader = getattr(loader, "loader", loader)  # the DataLoader inside a training _EpochLoader
         # num_workers=0: every such loader (train and eval) reports this process's one counter: count it once
         key = ("main", 0) if getattr(loader, "num_workers", None) == 0 else (stage, dataloader_idx, worker)
+        if key == ("main", 0):
+            count = max(0, count - self.main_baseline)
         before = self.per_worker.get(key, 0)
         self.per_worker[key] = max(before, count)
         return self.per_worker[key] > before

@@ -106,7 +106,7 @@ class CtrlgenCLI(LightningCLI):
             if init is not None and "save_dir" in init and init.save_dir in (None, ".", ""):
                 init.save_dir = root
         for cb in trainer.callbacks or []:  # checkpoints in <run dir>/checkpoints, so `--ckpt_path last` finds them
-            if str(getattr(cb, "class_path", "")).endswith("ModelCheckpoint") and cb.init_args.get("dirpath") is None:
+            if str(getattr(cb, "class_path", "")).endswith(("ModelCheckpoint", "RunCheckpoint")) and cb.init_args.get("dirpath") is None:
                 cb.init_args.dirpath = str(Path(root) / "checkpoints")
 
 

@@ -36,7 +36,7 @@ def test_recipe_parses_with_base_applied(config):
     assert cfg["model"]["class_path"].startswith("lightning_modules.")
     assert cfg["data"]["class_path"].startswith("datamodules.")
     assert cfg["seed_everything"] == 1234  # from configs/base.yaml
-    assert any("ModelCheckpoint" in c["class_path"] for c in cfg["trainer"]["callbacks"])
+    assert any(c["class_path"].endswith(("ModelCheckpoint", "RunCheckpoint")) for c in cfg["trainer"]["callbacks"])
     text = Path(REPO / config).read_text()
     if "${oc.env:IMAGENET_SHARDS" in text:  # omegaconf mode resolves interpolations (platform.md §1)
         assert "/data/imagenet256/train-" in cfg["data"]["init_args"]["train_shards"]

@@ -181,3 +181,24 @@ def test_shapes_world_canny_always_has_the_outline():
             covered = (outline & near_edge).sum() / max(1, outline.sum())
             assert covered >= 0.6, (size, s["__key__"], round(float(covered), 3))  # the outline is in the condition
             assert (edges & ~(cv2.dilate(mask, k5) > 0)).sum() == 0, (size, s["__key__"])  # no background edges
+
+
+def test_data_health_counts_only_this_runs_main_process_skips(monkeypatch):
+    """num_workers=0: the skip counter is per process, so a later run in the same process (the demo's stages) must not
+    report an earlier run's skips as its own."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from callbacks.data_health import DataHealthCallback
+
+    monkeypatch.setattr(SKIPS, "counts", Counter({"UnidentifiedImageError": 3}))  # an earlier run skipped 3
+    cb = DataHealthCallback()
+    cb.setup(None, None, "fit")
+    main_loader = SimpleNamespace(num_workers=0)
+    assert not cb._update({"_data_health": torch.tensor([0, 3])}, "train", main_loader)
+    assert cb.skipped == 0
+    assert cb._update({"_data_health": torch.tensor([0, 5])}, "train", main_loader)  # two new skips in this run
+    assert cb.skipped == 2
+    worker_loader = SimpleNamespace(num_workers=2)  # worker counters start at zero in every run: taken as they are
+    cb._update({"_data_health": torch.tensor([1, 4])}, "train", worker_loader)
+    assert cb.skipped == 6
