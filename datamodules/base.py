@@ -232,6 +232,20 @@ class ResumableDataModule(BaseDataModule):
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self._epoch, "consumed": self._consumed}
 
+    # -------------------------------------------------------------------------------- eval: each sample once per stage
+    def _eval_loader(self, stage: str) -> Any:
+        """The loader(s) of ``stage`` (val/test/predict) reading every sample once over all ranks; ``[]`` if none."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _eval_loader(stage)")
+
+    def val_dataloader(self):
+        return self._eval_loader("val")
+
+    def test_dataloader(self):
+        return self._eval_loader("test")
+
+    def predict_dataloader(self):
+        return self._eval_loader("predict")
+
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = dict(state)
 
@@ -293,12 +307,3 @@ class BaseWdsDataModule(ResumableDataModule):
         if self.shards[stage] is None:
             return []
         return self._loader(stage, self.eval_batch_size, False, self.num_workers)
-
-    def val_dataloader(self):
-        return self._eval_loader("val")
-
-    def test_dataloader(self):
-        return self._eval_loader("test")
-
-    def predict_dataloader(self):
-        return self._eval_loader("predict")

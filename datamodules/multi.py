@@ -207,7 +207,7 @@ class MultiStreamDataModule(ResumableDataModule):
         ds = _MultiStream(plain, sources, self.mix_weights, self.mix_name, self.batch_size, self.seed, rank, epoch)
         return self.epoch_loader(make_loader(ds, self.num_workers, self.seed, rank, "train"), epoch, skip)
 
-    def _eval_loaders(self, stage: str):
+    def _eval_loader(self, stage: str):
         rank, world = self.rank_and_world
         loaders = []
         for name in self._eval_names(stage):
@@ -215,9 +215,3 @@ class MultiStreamDataModule(ResumableDataModule):
                                    f"data.streams.{name}.{stage}_shards")
             loaders.append(make_loader(_Named(self._stream(name, stage), name), workers, self.seed, rank, stage, name))
         return loaders[0] if len(loaders) == 1 else loaders
-
-    def val_dataloader(self):
-        return self._eval_loaders("val")
-
-    def test_dataloader(self):
-        return self._eval_loaders("test")

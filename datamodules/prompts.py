@@ -207,12 +207,3 @@ class PromptDataModule(ResumableDataModule):
         rank, world = self.rank_and_world
         ds = _PromptBatches(self.stage_prompts(stage), self.eval_prompts_per_batch, False, self.seed, rank, world)
         return make_loader(ds, self.num_workers, self.seed, rank, stage)
-
-    def val_dataloader(self):
-        return self._eval_loader("val")
-
-    def test_dataloader(self):
-        return self._eval_loader("test")
-
-    def predict_dataloader(self):
-        return self._eval_loader("predict")
