@@ -66,13 +66,18 @@ class VARHook:
         return []
 
     def static_key(self) -> tuple:  # hashable: hooks with equal keys can share one captured sampler
-        raise NotImplementedError
+        raise self._no_graph("static_key")
 
     def static_clone(self) -> VARHook:  # same hook on fresh tensor buffers (captured by address)
-        raise NotImplementedError
+        raise self._no_graph("static_clone")
 
     def load_inputs_(self, other: VARHook) -> None:  # copy ``other``'s tensors into this clone's buffers
-        raise NotImplementedError
+        raise self._no_graph("load_inputs_")
+
+    def _no_graph(self, method: str) -> NotImplementedError:
+        return NotImplementedError(f"{type(self).__name__} does not implement {method}(): it works with "
+                                   "sampler='eager' or 'static'; sampler='graph' needs static_key, static_clone and "
+                                   "load_inputs_ (see ECMHook)")
 
     def __call__(self, block_idx: int, h: Tensor, cond_BD: Tensor, attn_bias: Tensor | None) -> Tensor:
         return h

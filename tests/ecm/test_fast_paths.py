@@ -284,3 +284,11 @@ def test_gpu_bench_cpu_smoke():
     assert out.count("eager==static 260/260, generator state equal") == 2, out[-3000:]
     assert "done in" in out
     print(f"bench smoke wall {time.perf_counter() - t:.1f} s")
+
+
+def test_hook_without_graph_methods_says_what_is_missing():
+    hook = VARHook()
+    with pytest.raises(NotImplementedError, match=r"VARHook does not implement static_key\(\).*sampler='graph'"):
+        hook.static_key()
+    with pytest.raises(NotImplementedError, match="static_clone"):
+        hook.static_clone()
