@@ -291,7 +291,7 @@ class DepthEstimator:
     """
 
     def __call__(self, images: Tensor) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__(images) -> (B,H,W) depth")
 
 
 def _images_to_float01(images: Tensor | np.ndarray) -> Tensor:

@@ -102,7 +102,7 @@ class EdgeExtractor:
 
     def extract_uint8(self, image_hwc: np.ndarray) -> np.ndarray:
         """One uint8 RGB (H,W,3) image → uint8 (H,W) edge map in {0, 255}."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement extract_uint8(image_hwc)")
 
     def __call__(
         self,

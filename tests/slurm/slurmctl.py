@@ -89,5 +89,30 @@ def wait_done(job: int, timeout: float) -> dict[str, str]:
     return wait_for(job, lambda i: i.get("JobState") in FINISHED, timeout, "a final state")
 
 
+def node_states() -> list[str]:
+    """Compact state of every node (``idle``, ``alloc``, ``comp``, ...), as ``sinfo -N`` prints it."""
+    r = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, timeout=30, check=False)
+    return r.stdout.split()
+
+
+def release_requeued(job: int, timeout: float = 60) -> None:
+    """Start a requeued job now instead of after Slurm's ~120 s BeginTime hold, safely.
+
+    When slurmd terminates the first attempt it revokes the job's credential, with one-second resolution: a
+    relaunch allocated in the same second carries a credential it counts as revoked, and slurmctld fails the job
+    ("Killing non-startable batch JobId=N: Job credential revoked", FAILED 1:0, nothing run; seen under load).
+    So wait until no node is still completing, then until the wall-clock second has changed twice, then release.
+    """
+    deadline = time.monotonic() + timeout
+    while any(s.startswith("comp") for s in node_states()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job}: a node is still completing after {timeout:.0f} s: {node_states()}")
+        time.sleep(0.25)
+    t0 = int(time.time())
+    while int(time.time()) < t0 + 2:
+        time.sleep(0.1)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
+
+
 def read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
