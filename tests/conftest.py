@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -51,3 +53,27 @@ def cli_env() -> dict[str, str]:
 
 def ctrlgen_cmd() -> list[str]:
     return [sys.executable, "-m", "lightning_modules.cli"]
+
+
+def run_cli_recorded(tmp_path: Path, recorder_src: str, args: list[str], ranks: int = 2,
+                     module: str = "record_cb") -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """``ctrlgen <args>`` in a subprocess with ``recorder_src`` (a module defining a ``Record`` callback that writes
+    ``$CTRLGEN_TEST_OUT/rank{r}.json``) appended to the trainer callbacks; fails with stderr's tail on a non-zero
+    exit and returns the process and the per-rank records."""
+    (tmp_path / f"{module}.py").write_text(recorder_src)
+    env = cli_env()
+    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env['PYTHONPATH']}"
+    env["CTRLGEN_TEST_OUT"] = str(tmp_path)
+    r = subprocess.run(ctrlgen_cmd() + args + [f"--trainer.callbacks+={module}.Record"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r, [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(ranks)]
+
+
+def assert_same_state(sa: dict, sb: dict, atol: float = 1e-6) -> None:
+    """Two state dicts hold the same keys and values equal within ``atol`` (resume == uninterrupted run)."""
+    import torch
+
+    assert sa.keys() == sb.keys(), sorted(set(sa) ^ set(sb))[:10]
+    for k, a in sa.items():
+        assert torch.allclose(a, sb[k], atol=atol, rtol=0), k

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-
 import pytest
 
-from tests.conftest import REPO, cli_env, ctrlgen_cmd
+from tests.conftest import run_cli_recorded
 
 pytestmark = pytest.mark.slow
 
@@ -23,19 +20,12 @@ class Record(L.Callback):
 
 
 def test_ddp_two_ranks_equal_batches(shapes_shards, tmp_path):
-    (tmp_path / "ddp_record.py").write_text(CHECK)
-    env = cli_env()
-    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
-    env["CTRLGEN_TEST_OUT"] = str(tmp_path)
     args = ["fit", "-c", "tests/configs/tiny.yaml", "-c", "configs/trainer/ddp_cpu.yaml",
             f"--data.init_args.train_shards={shapes_shards['train']}", f"--data.init_args.val_shards={shapes_shards['val']}",
             "--trainer.max_steps=6", "--data.init_args.train_batches_per_epoch=3", "--trainer.val_check_interval=3",
-            "--data.init_args.num_workers=1", f"--trainer.default_root_dir={tmp_path / 'run'}",
-            "--trainer.callbacks+=ddp_record.Record"]
-    r = subprocess.run(ctrlgen_cmd() + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
+            "--data.init_args.num_workers=1", f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    r, ranks = run_cli_recorded(tmp_path, CHECK, args)
     assert "distributed_backend=gloo" in r.stderr + r.stdout
-    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
     assert ranks[0]["batches"] == ranks[1]["batches"] == 6
     assert ranks[0]["noise"] != ranks[1]["noise"]  # per-rank generator: noise differs across ranks
     assert ranks[0]["keys"] != ranks[1]["keys"]  # ranks draw different samples

@@ -3,13 +3,10 @@ ranks through generator and critic-only turns, per-rank noise differs, rank-iden
 
 from __future__ import annotations
 
-import json
-import subprocess
-
 import pytest
 import torch
 
-from tests.conftest import REPO, cli_env, ctrlgen_cmd
+from tests.conftest import run_cli_recorded
 
 pytestmark = pytest.mark.slow
 
@@ -36,20 +33,13 @@ class Record(L.Callback):
 
 
 def test_ddp_manual_two_ranks_stay_identical(shapes_shards, tmp_path):
-    (tmp_path / "ddp_manual_record.py").write_text(RECORD)
-    env = cli_env()
-    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
-    env["CTRLGEN_TEST_OUT"] = str(tmp_path)
     args = ["fit", "-c", "tests/configs/tiny_gan.yaml", "-c", "configs/trainer/ddp_cpu.yaml",
             "--trainer.strategy.init_args.find_unused_parameters=true",
             f"--data.init_args.train_shards={shapes_shards['train']}", f"--data.init_args.val_shards={shapes_shards['val']}",
             "--model.init_args.max_iterations=6", "--model.init_args.update_every={generator: 3}",
-            "--trainer.val_check_interval=3", f"--trainer.default_root_dir={tmp_path / 'run'}",
-            "--trainer.callbacks+=ddp_manual_record.Record"]
-    r = subprocess.run(ctrlgen_cmd() + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert r.returncode == 0, r.stderr[-4000:]
+            "--trainer.val_check_interval=3", f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    r, ranks = run_cli_recorded(tmp_path, RECORD, args)
     assert "distributed_backend=gloo" in r.stderr + r.stdout
-    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
     for rec in ranks:  # generator turns at iterations 0 and 3, critic every iteration
         assert rec["iteration"] == 6 and rec["global_step"] == 2 + 6 and len(rec["sums"]) == 6
     assert ranks[0]["sums"] == ranks[1]["sums"]  # identical after every iteration (exact)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,7 +16,7 @@ from lightning_modules.common.rollouts import (
     group_stats,
     repeat_for_groups,
 )
-from tests.conftest import REPO, cli_env, ctrlgen_cmd
+from tests.conftest import run_cli_recorded
 
 
 def _jsonl(path, n: int, extra: str = "") -> str:
@@ -197,17 +196,10 @@ class Record(L.Callback):
 
 @pytest.mark.slow
 def test_toy_policy_two_ranks(tmp_path):
-    (tmp_path / "policy_record.py").write_text(RECORD)
-    env = cli_env()
-    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
-    env["CTRLGEN_TEST_OUT"] = str(tmp_path)
     src = _jsonl(tmp_path / "p.jsonl", 16)  # 2 ranks × 2 batches of 4 per epoch
     args = ["fit", "-c", "tests/configs/tiny_policy.yaml", "-c", "configs/trainer/ddp_cpu.yaml",
-            f"--data.init_args.train_prompts={src}", "--trainer.max_steps=4", f"--trainer.default_root_dir={tmp_path / 'run'}",
-            "--trainer.callbacks+=policy_record.Record"]
-    r = subprocess.run(ctrlgen_cmd() + args, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+            f"--data.init_args.train_prompts={src}", "--trainer.max_steps=4", f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    _, ranks = run_cli_recorded(tmp_path, RECORD, args)
     assert len(ranks[0]["prompts"]) == len(ranks[1]["prompts"]) == 4
     for epoch in (slice(0, 2), slice(2, 4)):
         p0 = {p for b in ranks[0]["prompts"][epoch] for p in b}

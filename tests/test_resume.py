@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from lightning_modules.cli import CtrlgenCLI
+from tests.conftest import assert_same_state
 
 
 def _fit(shards, root, steps, extra=()):
@@ -26,9 +27,7 @@ def test_resume_reproduces_uninterrupted_run(shapes_shards, tmp_path):
     resumed = _fit(shapes_shards, tmp_path / "b", 6, ["--ckpt_path=last"])
     assert resumed.trainer.global_step == straight.trainer.global_step == 6
     sa, sb = straight.model.state_dict(), resumed.model.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.allclose(sa[k], sb[k], atol=1e-6, rtol=0), k
+    assert_same_state(sa, sb)
     # the per-rank noise stream continued where it stopped
     assert torch.equal(torch.cat(straight.model.seen_noise[3:]), torch.cat(resumed.model.seen_noise))
     assert not torch.allclose(half.model.state_dict()["enc.0.weight"], sb["enc.0.weight"])
@@ -62,5 +61,4 @@ def test_resume_from_checkpoint_saved_at_train_end_mid_epoch(shapes_shards, tmp_
     resumed = _fit(shapes_shards, tmp_path / "b", 6, [*extra, "--ckpt_path=last"])
     assert straight.model.seen_keys[3:] == resumed.model.seen_keys  # the same samples, in order
     sa, sb = straight.model.state_dict(), resumed.model.state_dict()
-    for k in sa:
-        assert torch.allclose(sa[k], sb[k], atol=1e-6, rtol=0), k
+    assert_same_state(sa, sb)

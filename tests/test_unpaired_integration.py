@@ -29,6 +29,7 @@ from callbacks.data_health import DataHealthCallback
 from datamodules.shards import SKIPS, iter_samples, write_shards
 from lightning_modules.cli import CtrlgenCLI
 from lightning_modules.common.base import _batch_size
+from tests.conftest import assert_same_state
 
 CONFIG = "tests/configs/tiny_unpaired.yaml"
 AMBIGUOUS = "ambiguous collection"
@@ -169,9 +170,7 @@ def test_exact_resume_of_both_streams(shapes_shards, tmp_path):
     assert [u["name"] for u in b.updates] == ["critic", "generator", "critic", "critic"]  # TTUR phase kept (it 3, 4, 5)
     assert torch.equal(torch.cat(a.seen_noise[3:]), torch.cat(b.seen_noise))  # the per-rank noise stream continued
     sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.allclose(sa[k], sb[k], atol=1e-6, rtol=0), k
+    assert_same_state(sa, sb)
     assert not torch.allclose(half.model.state_dict()["critic.0.weight"], sb["critic.0.weight"])
     for name in ("generator", "critic"):
         sched_a, sched_b = a.scheduler(name), b.scheduler(name)

@@ -20,6 +20,7 @@ from lightning_modules.common.lora import (
     set_adapter_weights,
     unmerge_lora,
 )
+from tests.conftest import assert_same_state
 from tests.helpers.tiny_lora_module import (
     ATTN_TARGETS,
     tiny_text_encoder,
@@ -287,9 +288,7 @@ def test_cli_fit_checkpoint_holds_only_lora_and_resume_is_exact(shapes_shards, t
     resumed = _fit(shapes_shards, unet_dir, tmp_path / "b", 4, ["--ckpt_path=last"])
     assert resumed.trainer.global_step == straight.trainer.global_step == 4
     sa, sb = straight.model.state_dict(), resumed.model.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.allclose(sa[k], sb[k], atol=1e-6, rtol=0), k
+    assert_same_state(sa, sb)
     assert torch.equal(torch.cat(straight.model.seen_t[2:]), torch.cat(resumed.model.seen_t))
     init = sum(v.abs().sum() for k, v in sa.items() if ".lora_B." in k)
     assert init > 0  # the LoRA trained (B starts at 0)

@@ -15,6 +15,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lightning_modules.cli import CtrlgenCLI
 from lightning_modules.common.manual import ManualOptimModule
+from tests.conftest import assert_same_state
 from tests.helpers.tiny_gan import TinyGANModule
 
 CONFIG = "tests/configs/tiny_gan.yaml"
@@ -174,9 +175,7 @@ def test_resume_reproduces_uninterrupted_run(shapes_shards, tmp_path):
     assert resumed.model.iteration == straight.model.iteration == 6
     assert resumed.trainer.global_step == straight.trainer.global_step == 9  # G at 0, 2, 4 + C at 0..5
     sa, sb = straight.model.state_dict(), resumed.model.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.allclose(sa[k], sb[k], atol=1e-6, rtol=0), k
+    assert_same_state(sa, sb)
     assert torch.equal(torch.cat(straight.model.seen_noise[3:]), torch.cat(resumed.model.seen_noise))
     assert straight.model.seen_levels[3:] == resumed.model.seen_levels
     assert straight.model.seen_keys[3:] == resumed.model.seen_keys
