@@ -17,6 +17,8 @@ the order they run (eager first, compiled last: a compiled block would also be u
                             per scale (captured in the warm-up, not timed). ``graphc`` (--sampler-compile): the graphed
                             step compiled by inductor. ``sample_check_*``: tokens of eager vs static vs graph(c), same
                             seed, and whether the generator ends in the same state.
+* ``diag_saved``            bytes autograd saves for backward in one base VAR forward + CE (batch B, all tokens):
+                            block 0 by (dtype, shape), the total and what lies outside the blocks
 * compiled (regional: every VAR block, adapter and ViT block ``nn.Module.compile``d; not with --no-compile):
   ``var_train_680c``, ``var_train_255c``, ``ecm_train_s{5,7,9}c``, ``ecm_train_earlyc``, ``ecm_fullft_680c``
 * --sampler-compile: ``sample_*_graphc`` (CUDA) / ``sample_*_staticc`` (CPU): the sampler step compiled (one graph
@@ -142,6 +144,35 @@ class Runner:
         self.say(name, f"B {batch:>3} | tok {mean_tok:>5.0f} | {mean_t * 1e3:8.1f} ms/step (= Σ p_s t_s, trunc_probs "
                        f"{probs}) | {batch / mean_t:8.1f} img/s | peak = {peak_of}")
         return mean_t
+
+
+def saved_for_backward(fn, blocks) -> tuple[dict[str, dict[tuple, int]], int]:
+    """Run ``fn()`` (a forward + loss) and account the tensors autograd saves for backward, by where they were
+    saved ("block i" while ``blocks[i]`` runs, else "other": embeddings, head, loss) and by (dtype, shape); each
+    storage is counted once. Parameters and their autocast copies are saved too (batch-independent)."""
+    where, seen = ["other"], set()
+    out: dict[str, dict[tuple, int]] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            d = out.setdefault(where[-1], {})
+            key = (str(t.dtype).replace("torch.", ""), tuple(t.shape))
+            d[key] = d.get(key, 0) + st.nbytes()
+        return t
+
+    hooks = []
+    for i, b in enumerate(blocks):
+        hooks.append(b.register_forward_pre_hook(lambda m, a, i=i: where.append(f"block {i}") and None))
+        hooks.append(b.register_forward_hook(lambda m, a, o: where.pop() and None))  # None: keep the output
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, sum(sum(d.values()) for d in out.values())
 
 
 def uncompile(modules) -> None:
@@ -313,6 +344,31 @@ def main(argv: list[str] | None = None) -> int:
                                                 f"{early / tf:.3f} (target ≤ 0.45)")
 
     train_block("", need=15)
+
+    # ------------------------------------------------------------------ where the activation memory goes
+    # base VAR train step at batch B and all tokens: bytes saved for backward per block (dtype, shape) and outside
+    # the blocks (embeddings, head, CE): the per-block mix shows fp32 copies or a materialised (B,H,L,L) attention
+    try:
+        var.requires_grad_(True).train()
+        x_all = vq.idx_to_var_input(idx)
+        tgt_all = torch.cat(idx, 1)
+
+        def fwd_loss():
+            with ac():
+                return F.cross_entropy(var(label, x_all).view(-1, V), tgt_all.view(-1))
+        by_where, total = saved_for_backward(fwd_loss, list(var.blocks))
+        blk = by_where.get("block 0", {})
+        top = sorted(blk.items(), key=lambda kv: -kv[1])[:6]
+        run.say("diag_saved", f"B {B} tok {eds[-1]}: saved for backward {total / 2**30:.2f} GiB in all; block 0 "
+                              f"{sum(blk.values()) / 2**30:.3f} GiB × {len(var.blocks)} blocks; outside blocks "
+                              f"{sum(by_where.get('other', {}).values()) / 2**30:.3f} GiB")
+        run.say("diag_saved", "block 0 by (dtype, shape): " + "; ".join(
+            f"{dt} {list(sh)} {n / 2**20:.0f} MiB" for (dt, sh), n in top))
+    except Exception as e:  # noqa: BLE001 - a diagnostic: report and go on
+        run.say("diag_saved", f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    finally:
+        var.zero_grad(set_to_none=True)
+        gc.collect()
 
     # ------------------------------------------------------------------ sampling
     temps = SAMPM.temperature_schedule(K, "step", 1.0, 0.8, K - 2)

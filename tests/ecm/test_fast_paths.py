@@ -282,8 +282,26 @@ def test_gpu_bench_cpu_smoke():
                  "var_train_130c ", "ecm_train_s3c ", "ecm_fullft_130c "):
         assert case in out, case
     assert out.count("eager==static 260/260, generator state equal") == 2, out[-3000:]
+    assert "diag_saved             | B 2 tok 130: saved for backward" in out and "block 0 by (dtype, shape)" in out
     assert "done in" in out
     print(f"bench smoke wall {time.perf_counter() - t:.1f} s")
+
+
+def test_saved_for_backward_accounts_per_block():
+    """The bench's activation diagnostic: bytes autograd saves, attributed to the running block, storages once."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_ecm_bench", REPO / "bench" / "gpu_ecm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    lin, act = nn.Linear(4, 3, bias=False), nn.ReLU()
+    x = torch.randn(5, 4, requires_grad=True)  # so Linear also saves its weight (for the input's gradient)
+    out, total = bench.saved_for_backward(lambda: act(lin(x)).sum() * 2.0, [lin, act])
+    # Linear saves its input (5×4 fp32) and its weight (as the (4, 3) transpose view); ReLU saves its output (5×3)
+    assert out["block 0"] == {("float32", (5, 4)): 80, ("float32", (4, 3)): 48}, out
+    assert out["block 1"] == {("float32", (5, 3)): 60}, out
+    assert total == 80 + 48 + 60 and "other" not in out  # sum and scalar mul save no tensor
+    assert act(lin(x)).shape == (5, 3)  # the hooks are gone and outputs untouched
 
 
 def test_hook_without_graph_methods_says_what_is_missing():
