@@ -162,10 +162,17 @@ def saved_for_backward(fn, blocks) -> tuple[dict[str, dict[tuple, int]], int]:
             d[key] = d.get(key, 0) + st.nbytes()
         return t
 
+    def enter(i):
+        def pre_hook(module, args) -> None:
+            where.append(f"block {i}")
+        return pre_hook
+
+    def leave(module, args, output) -> None:  # returns None: the block's output is kept
+        where.pop()
+
     hooks = []
     for i, b in enumerate(blocks):
-        hooks.append(b.register_forward_pre_hook(lambda m, a, i=i: where.append(f"block {i}") and None))
-        hooks.append(b.register_forward_hook(lambda m, a, o: where.pop() and None))  # None: keep the output
+        hooks += [b.register_forward_pre_hook(enter(i)), b.register_forward_hook(leave)]
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             fn()

@@ -19,13 +19,7 @@ FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 def cluster_running() -> bool:
     """A Slurm controller answers and has an idle/usable node."""
-    if shutil.which("sinfo") is None:
-        return False
-    try:
-        r = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10, check=False)
-    except (subprocess.TimeoutExpired, OSError):
-        return False
-    return r.returncode == 0 and bool(re.search(r"^(idle|mix|alloc|comp)", r.stdout, re.MULTILINE))
+    return any(re.match(r"(idle|mix|alloc|comp)", st) for st in node_states(timeout=10))
 
 
 def daemons_alive() -> dict[str, list[int]]:
@@ -89,10 +83,17 @@ def wait_done(job: int, timeout: float) -> dict[str, str]:
     return wait_for(job, lambda i: i.get("JobState") in FINISHED, timeout, "a final state")
 
 
-def node_states() -> list[str]:
-    """Compact state of every node (``idle``, ``alloc``, ``comp``, ...), as ``sinfo -N`` prints it."""
-    r = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, timeout=30, check=False)
-    return r.stdout.split()
+def node_states(timeout: float = 30) -> list[str]:
+    """Compact state of every node (``idle``, ``alloc``, ``comp``, ...) as ``sinfo -N`` prints it; [] when there is
+    no Slurm or its controller does not answer."""
+    if shutil.which("sinfo") is None:
+        return []
+    try:
+        r = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, timeout=timeout,
+                           check=False)
+    except (subprocess.TimeoutExpired, OSError):
+        return []
+    return r.stdout.split() if r.returncode == 0 else []
 
 
 def release_requeued(job: int, timeout: float = 60) -> None:
