@@ -17,6 +17,9 @@ the order they run (eager first, compiled last: a compiled block would also be u
                             per scale (captured in the warm-up, not timed). ``graphc`` (--sampler-compile): the graphed
                             step compiled by inductor. ``sample_check_*``: tokens of eager vs static vs graph(c), same
                             seed, and whether the generator ends in the same state.
+* ``decode_b{B}{,_cl,_clc}`` VQVAE decode alone (as in the samplers; channels-last; channels-last + compiled) with a
+                            ``decode_check`` each; ``sample_{base,ecm}_b{B}_fd``: the fastest sampler mode with the
+                            fastest decoder (the end-to-end sampling figure for the ≥ 290 img/s target)
 * ``diag_saved``            bytes autograd saves for backward in one base VAR forward + CE (batch B, all tokens):
                             block 0 by (dtype, shape), the total and what lies outside the blocks
 * compiled (regional: every VAR block, adapter and ViT block ``nn.Module.compile``d; not with --no-compile):
@@ -180,12 +183,6 @@ def saved_for_backward(fn, blocks) -> tuple[dict[str, dict[tuple, int]], int]:
         for h in hooks:
             h.remove()
     return out, sum(sum(d.values()) for d in out.values())
-
-
-def uncompile(modules) -> None:
-    """Undo ``nn.Module.compile`` (the module then runs its eager forward again)."""
-    for m in modules:
-        m._compiled_call_impl = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -459,6 +456,52 @@ def main(argv: list[str] | None = None) -> int:
             tb, te = run.results.get(f"sample_base_b{b}_{mode}"), run.results.get(f"sample_ecm_b{b}_{mode}")
             if tb and te:
                 run.say(f"sample_ratio_b{b}_{mode}", f"ECM / base time = {te / tb:.3f} (target ≤ 1.15)")
+
+    # ------------------------------------------------------------------ decode: the eager last step of every sampler
+    # fhat_to_img alone at batch B, as the samplers run it (autocast), then channels-last and channels-last +
+    # compiled decoders (fastpath.fast_decoder); decode_check = max |image − eager image| on the [−1, 1] scale.
+    # The fastest variant then decodes in sample_*_fd (the fastest sampler mode + that decoder).
+    f_dec = vq.idx_to_fhat(idx)
+
+    def decode():
+        with ac(), torch.no_grad():
+            return vq.fhat_to_img(f_dec)
+
+    img_ref = decode().float()
+    dec_kw = {"": None, "_cl": {"channels_last": True},
+              "_clc": {"channels_last": True, "compile_kw": {"backend": backend}}}
+    t_dec = {}
+    for suffix, kw in dec_kw.items():
+        def dec_factory(kw=kw, suffix=suffix):
+            if kw is not None:
+                FASTM.fast_decoder(vq, **kw)
+                diff = (decode().float() - img_ref).abs().max().item()
+                run.say(f"decode_check{suffix}", f"max |image − eager image| = {diff:.2e} (images in [−1, 1])")
+            return decode, lambda: FASTM.plain_decoder(vq)
+        t_dec[suffix] = run.case(f"decode_b{B}{suffix}", dec_factory, B, "-", warmup=args.sample_warmup,
+                                 iters=args.sample_iters, need=90 if kw and "compile_kw" in kw else 10)
+    t_dec = {k: v for k, v in t_dec.items() if v}
+    best_mode = min((m for m in modes if run.results.get(f"sample_base_b{B}_{m}")),
+                    key=lambda m: run.results[f"sample_base_b{B}_{m}"], default=None)
+    if t_dec and best_mode:
+        best_dec = min(t_dec, key=t_dec.get)
+        run.say("decode_best", f"decode{best_dec or ' (eager NCHW)'}: {t_dec[best_dec] * 1e3:.1f} ms; sampler "
+                               f"{best_mode}; sample_*_fd = that sampler + that decoder")
+        _, lab, cnd = batch_data(B)
+        for control in (False, True):
+            kind = "ecm" if control else "base"
+
+            def fd_factory(control=control, lab=lab, cnd=cnd):
+                if dec_kw[best_dec] is not None:
+                    FASTM.fast_decoder(vq, **dec_kw[best_dec])
+                step, _ = sample_factory(B, control, best_mode, lab, cnd)()
+                return step, lambda: FASTM.plain_decoder(vq)
+            run.case(f"sample_{kind}_b{B}_fd", fd_factory, B, var.L, warmup=args.sample_warmup,
+                     iters=args.sample_iters, need=15)
+        tb, te = run.results.get(f"sample_base_b{B}_fd"), run.results.get(f"sample_ecm_b{B}_fd")
+        if tb and te:
+            run.say(f"sample_ratio_b{B}_fd", f"ECM / base time = {te / tb:.3f} (target ≤ 1.15); base "
+                                             f"{B / tb:.1f} img/s vs target ≥ 290 (2 × the official 145)")
     var.clear_sampling_graphs()
 
     # ------------------------------------------------------------------ compiled training
@@ -468,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         FASTM.compile_blocks(var, backend=backend, dynamic=False)
         CTLM.compile_control(ctl, backend=backend, dynamic=False)
         train_block("c", need=60)
-        uncompile(blocks)
+        FASTM.uncompile(blocks)
         run.say("compile", f"regional cases incl. compilation took {time.perf_counter() - t:.0f} s")
     if args.compile_full:
         torch._dynamo.reset()

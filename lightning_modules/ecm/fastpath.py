@@ -2,7 +2,10 @@
 
 * :class:`StaticCFGSampler` — shape-static KV-cached CFG sampling (``sampler="static"``), optionally one CUDA graph
   per scale (``sampler="graph"``); reached through :meth:`VAR.autoregressive_infer_cfg` / ``ECMControlNet.sample``.
-* :func:`compile_blocks`, :func:`raise_recompile_limit` — regional ``torch.compile`` of the transformer blocks.
+* :func:`compile_blocks`, :func:`raise_recompile_limit`, :func:`uncompile` — regional ``torch.compile`` of the
+  transformer blocks.
+* :func:`fast_decoder` — the VQVAE decode (the sampler's last, eager step) in channels-last layout, optionally
+  compiled.
 """
 from __future__ import annotations
 
@@ -193,3 +196,30 @@ def compile_blocks(var: VAR, **compile_kw) -> VAR:
     for blk in var.blocks:
         blk.compile(**compile_kw)
     return var
+
+
+def fast_decoder(vqvae: nn.Module, channels_last: bool = True, compile_kw: dict | None = None) -> nn.Module:
+    """Speed up ``vqvae.fhat_to_img`` in place (the decode that follows every sampler): the decoder's convolutions
+    and ``post_quant_conv`` in channels-last layout (tensor-core convolution kernels take NHWC; NCHW inputs are
+    transposed on every call), and with ``compile_kw`` the decoder ``nn.Module.compile``d (GroupNorm + SiLU + casts
+    fused). Same maths, same state-dict; undo with :func:`plain_decoder`. Returns ``vqvae``."""
+    if channels_last:
+        for m in (vqvae.decoder, vqvae.post_quant_conv):
+            m.to(memory_format=torch.channels_last)
+    if compile_kw is not None:
+        vqvae.decoder.compile(**{"dynamic": False, **compile_kw})
+    return vqvae
+
+
+def plain_decoder(vqvae: nn.Module) -> nn.Module:
+    """Undo :func:`fast_decoder`: contiguous (NCHW) weights, eager decoder. Returns ``vqvae``."""
+    for m in (vqvae.decoder, vqvae.post_quant_conv):
+        m.to(memory_format=torch.contiguous_format)
+    uncompile([vqvae.decoder])
+    return vqvae
+
+
+def uncompile(modules: Sequence[nn.Module]) -> None:
+    """Undo ``nn.Module.compile`` (each module runs its eager forward again; torch has no public call for it)."""
+    for m in modules:
+        m._compiled_call_impl = None

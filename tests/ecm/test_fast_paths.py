@@ -1,6 +1,7 @@
 """Speed paths of the ECM issue (acceptance 5): compile-friendly training (DropPath rate in a buffer, no graph breaks,
 no per-block recompiles), the static / CUDA-graph sampler (same tokens as the eager sampler), and the CPU smoke mode
 of bench/gpu_ecm.py. CUDA-only checks are marked ``gpu`` (skipped on CPU machines)."""
+import re
 import subprocess
 import sys
 import time
@@ -17,7 +18,12 @@ from lightning_modules.ecm.control import (
     compile_control,
     freeze_backbone,
 )
-from lightning_modules.ecm.fastpath import StaticCFGSampler, compile_blocks
+from lightning_modules.ecm.fastpath import (
+    StaticCFGSampler,
+    compile_blocks,
+    fast_decoder,
+    plain_decoder,
+)
 from lightning_modules.ecm.sampling import (
     exponential_noise,
     sample_top_k_top_p,
@@ -283,6 +289,10 @@ def test_gpu_bench_cpu_smoke():
         assert case in out, case
     assert out.count("eager==static 260/260, generator state equal") == 2, out[-3000:]
     assert "diag_saved             | B 2 tok 130: saved for backward" in out and "block 0 by (dtype, shape)" in out
+    for case in ("decode_b2 ", "decode_b2_cl ", "decode_b2_clc ", "sample_base_b2_fd ", "sample_ecm_b2_fd "):
+        assert case in out, case
+    diffs = [float(x) for x in re.findall(r"decode_check\S* +\| max \|image − eager image\| = (\S+)", out)]
+    assert len(diffs) == 2 and max(diffs) < 1e-4, out[-3000:]  # same maths in fp32: rounding only
     assert "done in" in out
     print(f"bench smoke wall {time.perf_counter() - t:.1f} s")
 
@@ -304,9 +314,58 @@ def test_saved_for_backward_accounts_per_block():
     assert act(lin(x)).shape == (5, 3)  # the hooks are gone and outputs untouched
 
 
+def test_fast_decoder_same_images_and_undo(vae):
+    """fast_decoder: channels-last (and compiled) decode gives the eager images up to fp32 rounding; plain_decoder
+    restores the NCHW weights and the eager forward exactly; the state dict never changes."""
+    f_hat = vae.idx_to_fhat([torch.randint(0, 64, (2, pn * pn), generator=torch.Generator().manual_seed(pn))
+                             for pn in vae.quantize.patch_nums])
+    keys = {k: v.clone() for k, v in vae.state_dict().items()}
+    with torch.no_grad():
+        ref = vae.fhat_to_img(f_hat)
+        try:
+            fast_decoder(vae)
+            assert vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+            img = vae.fhat_to_img(f_hat)
+            assert img.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(img, ref, atol=1e-4, rtol=0)
+            fast_decoder(vae, compile_kw={"backend": "eager"})
+            torch.testing.assert_close(vae.fhat_to_img(f_hat), ref, atol=1e-4, rtol=0)
+            assert vae.decoder._compiled_call_impl is not None
+        finally:
+            plain_decoder(vae)
+        assert vae.decoder._compiled_call_impl is None and vae.decoder.conv_in.weight.is_contiguous()
+        assert torch.equal(vae.fhat_to_img(f_hat), ref)
+    assert all(torch.equal(v, keys[k]) for k, v in vae.state_dict().items())
+
+
 def test_hook_without_graph_methods_says_what_is_missing():
     hook = VARHook()
     with pytest.raises(NotImplementedError, match=r"VARHook does not implement static_key\(\).*sampler='graph'"):
         hook.static_key()
     with pytest.raises(NotImplementedError, match="static_clone"):
         hook.static_clone()
+
+
+def test_flops_bench_tiny(capsys):
+    """bench/flops_ecm.py on the tiny presets: every case counted, and the counts obey what the design implies —
+    ECM on the full sequence costs less than training the whole VAR (no weight gradients for the frozen backbone,
+    even with the adapters and the ViT), truncation cuts the cost, and a rate turns into TFLOP/s."""
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("flops_ecm_bench", REPO / "bench" / "flops_ecm.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        assert bench.main(["--var", "tiny", "--vqvae", "tiny", "--control", "tiny", "--rate", "decode=1000"]) == 0
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    out = capsys.readouterr().out
+    g = {m[0]: float(m[1]) for m in re.findall(r"\[flops_ecm\] (\S+) +([\d.]+) GFLOP/img", out)}
+    assert set(g) == {"var_train_130", "var_train_30", "ecm_train_s1", "ecm_train_s3", "ecm_train_s5", "sample_cfg",
+                      "decode", "encode"}, out
+    assert all(v > 0 for v in g.values()), g
+    assert g["ecm_train_s1"] < g["ecm_train_s3"] < g["ecm_train_s5"] < g["var_train_130"], g
+    assert g["var_train_30"] < g["var_train_130"], g
+    tflops = float(re.search(r"decode .* at 1000\.0 img/s: ([\d.]+) TFLOP/s", out)[1])
+    assert tflops == pytest.approx(g["decode"] * 1000 / 1e3, abs=0.06), out
