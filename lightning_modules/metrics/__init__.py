@@ -1,8 +1,8 @@
 """ctrlgen's shared evaluation metric layer (pure, method-agnostic).
 
 Submodules: ``edges`` (EdgeExtractor registry), ``control`` (Canny F1, depth RMSE, depth estimators),
-``distribution`` (FID / IS / KID / improved P-R, local TF Inception), ``refstats`` (reference statistics),
-``perceptual`` (LPIPS), ``clip`` (CLIP score), ``results`` (tables), ``plots`` (figures).
+``inception`` (the local TF Inception), ``distribution`` (FID / IS / KID / improved P-R), ``refstats`` (reference
+statistics), ``perceptual`` (LPIPS), ``clip`` (CLIP score), ``results`` (tables), ``plots`` (figures).
 
 Re-exports are lazy (PEP 562): ``import lightning_modules.metrics.edges`` — what the datamodules do — does not
 import torchmetrics, transformers or matplotlib.
@@ -33,13 +33,14 @@ _EXPORTS: dict[str, str] = {
     "DepthEstimator": "control",
     "TransformersDepthEstimator": "control",
     "GeometryDepth": "control",
+    # inception
+    "INCEPTION_WEIGHTS_FILENAME": "inception",
+    "INCEPTION_WEIGHTS_ENV": "inception",
+    "FIDInceptionV3": "inception",
+    "inception_from_local": "inception",
+    "resolve_inception_weights": "inception",
+    "tf1_bilinear_resize": "inception",
     # distribution
-    "INCEPTION_WEIGHTS_FILENAME": "distribution",
-    "INCEPTION_WEIGHTS_ENV": "distribution",
-    "FIDInceptionV3": "distribution",
-    "inception_from_local": "distribution",
-    "resolve_inception_weights": "distribution",
-    "tf1_bilinear_resize": "distribution",
     "frechet_distance": "distribution",
     "gaussian_stats": "distribution",
     "improved_precision_recall": "distribution",

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .distribution import GenerativeMetrics, _split_output, inception_from_local
+from .distribution import GenerativeMetrics, _split_output
+from .inception import inception_from_local
 
 __all__ = [
     "FIDFromStats",

@@ -9,16 +9,18 @@ import torch
 from torch import nn
 
 from lightning_modules.metrics.distribution import (
-    INCEPTION_WEIGHTS_FILENAME,
-    FIDInceptionV3,
     GenerativeMetrics,
     fid_metric,
     frechet_distance,
     improved_precision_recall,
-    inception_from_local,
     inception_score_from_logits,
     is_metric,
     kid_metric,
+)
+from lightning_modules.metrics.inception import (
+    INCEPTION_WEIGHTS_FILENAME,
+    FIDInceptionV3,
+    inception_from_local,
     resolve_inception_weights,
     tf1_bilinear_resize,
 )
