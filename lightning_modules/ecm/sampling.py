@@ -76,7 +76,7 @@ def top_k_top_p_filter_(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0) 
     if top_p > 0:
         sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=False)
         remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
-        remove[..., -1:] = False
+        remove[..., -1].fill_(False)  # (a Scalar fill: no tensor from Python data inside a captured step)
         logits_BlV.masked_fill_(remove.scatter(-1, sorted_idx, remove), float("-inf"))
     return logits_BlV
 

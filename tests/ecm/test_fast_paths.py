@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch._dynamo as dynamo
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_modules.ecm.control import (
     CONTROL_PRESETS,
@@ -223,6 +224,58 @@ def test_static_sampler_with_compiled_step_matches_eager(vae):
                    sampler_compile={"backend": "eager"}, **kw)
     dynamo.reset()
     assert _same_tokens(a[1], b[1]) and torch.equal(a[0], b[0])
+
+
+class HostSyncOps(TorchDispatchMode):
+    """Records ATen ops that make a CUDA stream wait for the host (a value read, a data-dependent shape, an input
+    check of multinomial, a tensor built from Python data): any of them inside a step breaks CUDA-graph capture.
+    The CPU proxy of ``torch.cuda.set_sync_debug_mode("error")``."""
+
+    SYNC = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique", "aten::_unique2",
+            "aten::unique_consecutive", "aten::multinomial", "aten::equal", "aten::is_nonzero", "aten::lift_fresh",
+            "aten::repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.hits: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        bool_index = name == "aten::index" and any(
+            t is not None and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else []))
+        to_host = name == "aten::_to_copy" and str(kwargs.get("device", "")) == "cpu"
+        if name in self.SYNC or bool_index or to_host:
+            self.hits.append(name + (" (bool mask)" if bool_index else "") + (" (to cpu)" if to_host else ""))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("control", [False, True])
+def test_static_sampler_steps_have_no_host_syncs(vae, control):
+    """What the CUDA graphs capture — the per-scale steps (prologue, blocks, adapters, CFG mix, top-k/top-p,
+    argmax(p/q), f̂ update) — contains no op that syncs with the host; the eager sampler's step does (positive
+    control: the detector can fail)."""
+    var = freeze_backbone(lively_var())
+    hook = None
+    if control:
+        ctl = lively_ctl(var)
+        hook = ctl.sampling_hook(2, cond_img=torch.rand(2, 3, 64, 64) * 2 - 1)
+    smp = var.static_sampler(2, vae, cfg=1.5, top_k=50, top_p=0.9, temperatures=TEMPS, hook=hook)
+    mode, step = HostSyncOps(), smp.step
+
+    def watched(si, state):
+        with mode:
+            step(si, state)
+    smp.step = watched
+    with torch.no_grad():
+        f_hat, idx, _ = smp(torch.tensor([3, 4]), torch.Generator().manual_seed(0), hook)
+    assert len(idx) == len(var.patch_nums) and f_hat.abs().sum() > 0
+    assert mode.hits == [], sorted(set(mode.hits))
+    eager = HostSyncOps()
+    with eager, torch.no_grad():
+        var.autoregressive_infer_cfg(2, torch.tensor([3, 4]), vqvae=vae, g_seed=0, decode=False, cfg=1.5,
+                                     top_k=50, top_p=0.9, hook=hook)
+    assert "aten::multinomial" in eager.hits
 
 
 def test_sampler_argument_errors(vae):
