@@ -9,6 +9,8 @@ the order they run (eager first, compiled last: a compiled block would also be u
                             drop-path + class dropout)
 * ``ecm_train_s{5,7,9}``    ECM step (frozen VAR in eval mode + control net, only the control net trains) truncated at
                             scale s; ``ecm_train_early`` = Σ p_s t_s under trunc_probs {5: .2, 7: .6, 9: .2}
+* ``var_train_680_gc``, ``ecm_train_s9_gc``  the same steps with activation checkpointing (``grad_checkpointing``:
+                            blocks and adapters recomputed in the backward): peak memory vs time
 * ``ecm_fullft_680``        full-fine-tune baseline step: control net + VAR trainable, VAR in train mode, 680 tokens;
                             ``ecm_epoch_ratio`` = ecm_train_early / ecm_fullft_680 (target ≤ 0.45)
 * ``sample_{base,ecm}_b64_{eager,static,graph}``  CFG sampling incl. VQVAE decode (cfg 1.5, top-k 900, top-p 0.96; ECM
@@ -280,11 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         kw = {"fused": True} if cuda else {}
         return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, **kw)
 
-    def train_factory(kind: str, s: int | None, loss_fn=None):
+    def train_factory(kind: str, s: int | None, loss_fn=None, ckpt: bool = False):
         """kind: ``var`` (base VAR), ``ecm`` (frozen VAR + control net, truncated at s), ``fullft`` (both trainable,
         VAR in train mode, class dropout once in the control net as in ECMModule). ``loss_fn(label, x, cond, target)``
-        replaces the eager forward + CE (whole-step compile)."""
+        replaces the eager forward + CE (whole-step compile). ``ckpt``: activation checkpointing of the VAR blocks and
+        the adapters (``grad_checkpointing``)."""
         def factory():
+            var.grad_checkpointing = ctl.grad_checkpointing = ckpt
             if kind == "var":
                 var.requires_grad_(True).train()
                 var.cond_drop_rate = cond_drop
@@ -322,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                 opt.zero_grad(set_to_none=True)
 
             def cleanup():
+                var.grad_checkpointing = ctl.grad_checkpointing = False
                 opt.state.clear()
                 for m in modules:
                     m.zero_grad(set_to_none=True)
@@ -348,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
                                                 f"{early / tf:.3f} (target ≤ 0.45)")
 
     train_block("", need=15)
+    # activation checkpointing (grad_checkpointing): peak memory vs the extra forward, base and ECM at 680 tokens
+    run.case(f"var_train_{eds[-1]}_gc", train_factory("var", None, ckpt=True), B, eds[-1], need=15)
+    run.case(f"ecm_train_s{K - 1}_gc", train_factory("ecm", K - 1, ckpt=True), B, eds[-1], need=15)
 
     # ------------------------------------------------------------------ where the activation memory goes
     # base VAR train step at batch B and all tokens: bytes saved for backward per block (dtype, shape) and outside

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .fastpath import raise_recompile_limit
 from .var import (
@@ -169,7 +170,11 @@ class ECMHook(VARHook):
             return h
         c = self.r[:, self.bg:self.ed] if j == 0 or self.c is None else self.c
         ffn = self.net.ffns[0 if self.net.share_ffn else j]
-        self.c = self.net.adapters[j](h, c.to(h.dtype), cond_BD, attn_bias, ffn)
+        args = (h, c.to(h.dtype), cond_BD, attn_bias, ffn)
+        if self.net.grad_checkpointing and torch.is_grad_enabled():
+            self.c = checkpoint(self.net.adapters[j], *args, use_reentrant=False)
+        else:
+            self.c = self.net.adapters[j](*args)
         return (h + self._mask(torch.tanh(self.net.gates[j]) * self.c)).to(h.dtype)
 
 
@@ -201,6 +206,7 @@ class ECMControlNet(nn.Module):
         self.gate_init = gate_init
         self.gates = nn.Parameter(torch.full((n, gdim), float(gate_init)))
         self.gate_in = nn.Parameter(torch.full((gdim,), float(gate_init))) if inject_input else None
+        self.grad_checkpointing = False  # adapters recomputed in the backward (set with the VAR's, by ECMModule)
         self.init_weights(var, init)
 
     @torch.no_grad()

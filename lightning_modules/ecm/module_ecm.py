@@ -23,9 +23,9 @@ _NO_DECAY = ("gates", "gate_in", "type_embed", "pos_embed", "scale_mul", "class_
 
 
 class ECMModule(VARBase):
-    runtime_args = ("var_weights", "vqvae_weights", "cfg", "top_k", "top_p", "temp_schedule", "temp_high", "temp_low",
-                    "temp_switch_scale", "cfg_control", "eval_base", "distribution_metrics", "inception_weights",
-                    "depth_estimator_dir", "edge_extractor")
+    runtime_args = ("var_weights", "vqvae_weights", "cfg", "top_k", "top_p", "grad_checkpointing", "temp_schedule",
+                    "temp_high", "temp_low", "temp_switch_scale", "cfg_control", "eval_base", "distribution_metrics",
+                    "inception_weights", "depth_estimator_dir", "edge_extractor")
 
     def __init__(self, var_preset: str = "d16", var_overrides: dict | None = None, var_weights: str | None = None,
                  vqvae_preset: str = "vae_ch160v4096z32", vqvae_overrides: dict | None = None,
@@ -40,6 +40,7 @@ class ECMModule(VARBase):
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "fid_feature"])
         self.condition_types = list(condition_types or ["canny"])
         self.control = ECMControlNet(self.var, num_condition_types=len(self.condition_types), **(control or {}))
+        self.control.grad_checkpointing = self.var.grad_checkpointing
         self.finetune_base = finetune_base
         self.frozen_prefixes = ("vqvae.",) if finetune_base else ("vqvae.", "var.")
         self.var.cond_drop_rate = 0.0  # class dropout is applied once, by the control net (which copied the rate)

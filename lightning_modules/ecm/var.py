@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .sampling import cfg_mix, cfg_ratio, resolve_temperatures, sample_top_k_top_p
 from .scales import (
@@ -272,6 +273,9 @@ class VAR(nn.Module):
         self.register_buffer("attn_bias_for_masking", block_causal_bias(self.patch_nums))
         self.head_nm = AdaLNBeforeHead(C, C, norm_eps)
         self.head = nn.Linear(C, vocab_size)
+        # activation checkpointing of the blocks (not a state): each block keeps only its input for the backward and
+        # recomputes its forward there (≈ 1/3 more compute; drop-path masks are replayed from the saved RNG state)
+        self.grad_checkpointing = False
         self.init_weights(**self.init_cfg)
 
     # ------------------------------------------------------------------ init / buffers
@@ -331,11 +335,13 @@ class VAR(nn.Module):
         return x, cond_BD
 
     def run_blocks(self, x: Tensor, cond_BD: Tensor, attn_bias: Tensor | None, hook: HookFn | None = None) -> Tensor:
-        """Blocks in the autocast dtype (if any), calling ``hook`` after each block."""
+        """Blocks in the autocast dtype (if any), calling ``hook`` after each block; with ``grad_checkpointing``
+        (and grad enabled) each block is recomputed in the backward instead of keeping its activations."""
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         x, cond = x.to(dt), cond_BD.to(dt)
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cond, attn_bias)
+            x = checkpoint(blk, x, cond, attn_bias, use_reentrant=False) if ckpt else blk(x, cond, attn_bias)
             if hook is not None:
                 x = hook(i, x, cond, attn_bias)
         return x

@@ -342,7 +342,7 @@ def test_gpu_bench_cpu_smoke():
         assert case in out, case
     assert out.count("eager==static 260/260, generator state equal") == 2, out[-3000:]
     assert "diag_saved             | B 2 tok 130: saved for backward" in out and "block 0 by (dtype, shape)" in out
-    for case in ("decode_b2 ", "decode_b2_cl ", "decode_b2_clc ", "sample_base_b2_fd ", "sample_ecm_b2_fd "):
+    for case in ("var_train_130_gc ", "ecm_train_s5_gc ", "decode_b2 ", "decode_b2_cl ", "decode_b2_clc ", "sample_base_b2_fd ", "sample_ecm_b2_fd "):
         assert case in out, case
     diffs = [float(x) for x in re.findall(r"decode_check\S* +\| max \|image − eager image\| = (\S+)", out)]
     assert len(diffs) == 2 and max(diffs) < 1e-4, out[-3000:]  # same maths in fp32: rounding only
