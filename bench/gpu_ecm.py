@@ -28,8 +28,9 @@ the order they run (eager first, compiled last: a compiled block would also be u
   ``var_train_680c``, ``var_train_255c``, ``ecm_train_s{5,7,9}c``, ``ecm_train_earlyc``, ``ecm_fullft_680c``
 * --sampler-compile: ``sample_*_graphc`` (CUDA) / ``sample_*_staticc`` (CPU): the sampler step compiled (one graph
   per scale)
-* --compile-full: ``var_train_680cf``, ``ecm_train_s7cf``, ``ecm_fullft_680cf``: the whole loss (forward + CE) of the
-  step in one ``torch.compile`` graph (long compile; each starts only with enough of --time-budget left)
+* --compile-full: ``var_train_680cf``, ``ecm_train_s7cf``, ``var_train_255cf``, ``ecm_train_s{5,9}cf`` (→
+  ``ecm_train_earlycf``): the whole loss (forward + CE) of the step in one ``torch.compile`` graph per length (long
+  compiles; each starts only with enough of --time-budget left, so the first ones are those the targets need most)
 
 Peak memory = ``torch.cuda.max_memory_allocated`` over the case (model, optimizer state, activations, caches). Only
 torch is needed: the networks are imported from their files without the ``lightning_modules`` package ``__init__``
@@ -335,10 +336,17 @@ def main(argv: list[str] | None = None) -> int:
 
     def train_block(suffix: str, need: float, loss_fn=None, full: bool = False):
         """The training cases of one compile style ('' eager, 'c' regional, 'cf' whole step)."""
-        if full:  # whole-step compile: one shape per kind (long compiles)
+        if full:  # whole-step compile: one graph per kind and length (long compiles), in the order of the targets
             run.case(f"var_train_{eds[-1]}{suffix}", train_factory("var", None, loss_fn), B, eds[-1], need=need)
-            run.case(f"ecm_train_s{s_mid}{suffix}", train_factory("ecm", s_mid, loss_fn), B, eds[s_mid], need=need)
-            run.case(f"ecm_fullft_{eds[-1]}{suffix}", train_factory("fullft", None, loss_fn), B, eds[-1], need=need)
+            t = {s_mid: run.case(f"ecm_train_s{s_mid}{suffix}", train_factory("ecm", s_mid, loss_fn), B, eds[s_mid],
+                                 need=need)}
+            if not args.smoke:
+                run.case(f"var_train_{eds[n8]}{suffix}", train_factory("var", n8, loss_fn), B, eds[n8], need=need)
+                for s in s_early:
+                    if s != s_mid:
+                        t[s] = run.case(f"ecm_train_s{s}{suffix}", train_factory("ecm", s, loss_fn), B, eds[s],
+                                        need=need)
+                run.derived(f"ecm_train_early{suffix}", t, trunc, eds, B, f"ecm_train_s{max(trunc)}{suffix}")
             return
         run.case(f"var_train_{eds[-1]}{suffix}", train_factory("var", None), B, eds[-1], need=need)
         if not args.smoke:

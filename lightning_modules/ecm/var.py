@@ -93,7 +93,8 @@ def drop_labels(label_B: Tensor, rate: float, null_class: int, generator: torch.
     """Replace each label by the null class with probability ``rate`` (class dropout, CFG training)."""
     if rate <= 0:
         return label_B
-    u = torch.rand(label_B.shape, device=label_B.device, generator=generator)
+    kw = {} if generator is None else {"generator": generator}  # (no generator argument: traceable with dynamic shapes)
+    u = torch.rand(label_B.shape, device=label_B.device, **kw)
     return torch.where(u < rate, torch.full_like(label_B, null_class), label_B)
 
 
