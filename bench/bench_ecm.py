@@ -12,7 +12,8 @@ reports the median of ``--reps`` repetitions after ``--warmup`` discarded ones:
 * (b) early-centric ECM (that expectation) vs ECM on the full sequence (``ecm_step_s{K-1}``)
 * (c) ``sample_base`` ``VAR.autoregressive_infer_cfg`` vs ``sample_ecm`` ``ECMControlNet.sample`` (control tokens
       included) at equal batch, cfg 1.5, top-k 900 (≤ V), top-p 0.96, ECM temperature schedule for both, without
-      decoding; ``decode`` = VQVAE ``fhat_to_img`` of that batch (ratio incl. decode derived) (target ≤ 1.15×)
+      decoding; ``decode`` = VQVAE ``fhat_to_img`` of that batch (ratio incl. decode derived) (target ≤ 1.15×).
+      ``sample_ecm_cond_only`` (c'): the same with ``cfg_control: cond_only`` (adapters on the cond rows only)
 * (d) data-to-loss per step: ``tok_pretok`` / ``tok_fly`` (codes → per-scale indices → teacher-forcing input, vs the
       VQVAE encoder on the images) and ``ecm_step_s{mid}_fly`` (the whole ECM step with on-the-fly tokenisation) vs
       ``ecm_step_s{mid}`` (pre-tokenised)
@@ -136,11 +137,13 @@ def main(argv=None) -> dict:
         var.eval()
         f_hat["x"] = var.autoregressive_infer_cfg(B, labels, vqvae=vq, g_seed=0, **kw)
 
-    @torch.no_grad()
-    def sample_ecm():
-        ecm.control.eval()
-        ecm.control.sample(var, vq, B, labels, cond_img=batch["cond"], g_seed=0, cfg_control=ecm.cfg_control, **kw)
-        ecm.control.train()
+    def sample_ecm_with(cfg_control: str):
+        @torch.no_grad()
+        def run():
+            ecm.control.eval()
+            ecm.control.sample(var, vq, B, labels, cond_img=batch["cond"], g_seed=0, cfg_control=cfg_control, **kw)
+            ecm.control.train()
+        return run
 
     @torch.no_grad()
     def decode():
@@ -153,7 +156,9 @@ def main(argv=None) -> dict:
     cases[f"tok_pretok_s{mid}"] = (tokens(batch, mid), eds[mid])
     cases[f"tok_fly_s{mid}"] = (tokens(fly, mid), eds[mid])
     cases["sample_base"] = (sample_base, L)
-    cases["sample_ecm"] = (sample_ecm, L)
+    cases["sample_ecm"] = (sample_ecm_with(ecm.cfg_control), L)
+    other = "cond_only" if ecm.cfg_control == "both" else "both"
+    cases[f"sample_ecm_{other}"] = (sample_ecm_with(other), L)
     cases["decode"] = (decode, "-")
     names = list(cases)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -184,7 +189,7 @@ def main(argv=None) -> dict:
     rows = [("case", "tokens", "median ms", "min ms", "max ms", "median ratio", "min ratio")]
     ref = {"fullft_step": None, **{f"ecm_step_s{k}": "fullft_step" for k in ks}, f"ecm_step_s{mid}_fly": f"ecm_step_s{mid}",
            f"tok_pretok_s{mid}": None, f"tok_fly_s{mid}": f"tok_pretok_s{mid}", "sample_base": None,
-           "sample_ecm": "sample_base", "decode": "sample_base"}
+           "sample_ecm": "sample_base", f"sample_ecm_{other}": "sample_base", "decode": "sample_base"}
     for n in names:
         r = ref[n]
         rows.append((n, str(cases[n][1]), f"{med[n] * 1e3:.1f}", f"{mins[n] * 1e3:.1f}",
@@ -206,6 +211,7 @@ def main(argv=None) -> dict:
         "ecm_full_seq_vs_fullft": med[full] / med["fullft_step"],
         "early_vs_full_seq_ecm": ecm_epoch / med[full],
         "sampling_overhead": samp, "sampling_overhead_incl_decode": samp_dec,
+        f"sampling_overhead_{other}": med[f"sample_ecm_{other}"] / med["sample_base"],
         "fly_vs_pretok_step": med[f"ecm_step_s{mid}_fly"] / med[f"ecm_step_s{mid}"],
         "fly_vs_pretok_tokens": med[f"tok_fly_s{mid}"] / med[f"tok_pretok_s{mid}"],
         "min_based": {"ecm_epoch_vs_fullft": ecm_epoch_min / mins["fullft_step"],
@@ -220,7 +226,9 @@ def main(argv=None) -> dict:
     print(f"(b) early-centric ECM / full-sequence ECM = {res['early_vs_full_seq_ecm']:.3f}  (token ratio "
           f"{sum(p * eds[k] for k, p in trunc.items()) / L:.3f})")
     print(f"(c) sampling ECM / base = {samp:.3f} without decode, {samp_dec:.3f} incl. VQVAE decode  (target ≤ 1.15: "
-          f"{'MET' if samp <= 1.15 else 'NOT met'} / {'MET' if samp_dec <= 1.15 else 'NOT met'})")
+          f"{'MET' if samp <= 1.15 else 'NOT met'} / {'MET' if samp_dec <= 1.15 else 'NOT met'}; "
+          f"cfg_control {ecm.cfg_control})")
+    print(f"(c') with cfg_control {other}: sampling ECM / base = {res[f'sampling_overhead_{other}']:.3f} without decode")
     print(f"(d) on-the-fly / pre-tokenised: ECM step at s={mid} {res['fly_vs_pretok_step']:.3f}x; tokenisation alone "
           f"{res['fly_vs_pretok_tokens']:.1f}x ({med[f'tok_fly_s{mid}'] * 1e3:.1f} vs {med[f'tok_pretok_s{mid}'] * 1e3:.2f} ms)")
     mb = res["min_based"]

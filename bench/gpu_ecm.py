@@ -21,7 +21,8 @@ the order they run (eager first, compiled last: a compiled block would also be u
                             seed, and whether the generator ends in the same state.
 * ``decode_b{B}{,_cl,_clc}`` VQVAE decode alone (as in the samplers; channels-last; channels-last + compiled) with a
                             ``decode_check`` each; ``sample_{base,ecm}_b{B}_fd``: the fastest sampler mode with the
-                            fastest decoder (the end-to-end sampling figure for the ≥ 290 img/s target)
+                            fastest decoder (the end-to-end sampling figure for the ≥ 290 img/s target);
+                            ``sample_ecm_condonly_b{B}_fd``: the same with cfg_control cond_only
 * ``diag_saved``            bytes autograd saves for backward in one base VAR forward + CE (batch B, all tokens):
                             block 0 by (dtype, shape), the total and what lies outside the blocks
 * compiled (regional: every VAR block, adapter and ViT block ``nn.Module.compile``d; not with --no-compile):
@@ -411,12 +412,13 @@ def main(argv: list[str] | None = None) -> int:
             kw["temperature_schedule"] = temps
         return kw
 
-    def sample_factory(b: int, control: bool, mode: str, lab, cnd):
+    def sample_factory(b: int, control: bool, mode: str, lab, cnd, cfg_control: str = "both"):
         def factory():
             def step():
                 with ac():
                     if control:
-                        ctl.sample(var, vq, b, lab, cond_img=cnd, g_seed=0, **sample_kw(control, mode))
+                        ctl.sample(var, vq, b, lab, cond_img=cnd, g_seed=0, cfg_control=cfg_control,
+                                   **sample_kw(control, mode))
                     else:
                         var.autoregressive_infer_cfg(b, lab, vqvae=vq, g_seed=0, **sample_kw(control, mode))
             if mode.startswith("graph"):
@@ -504,20 +506,21 @@ def main(argv: list[str] | None = None) -> int:
         run.say("decode_best", f"decode{best_dec or ' (eager NCHW)'}: {t_dec[best_dec] * 1e3:.1f} ms; sampler "
                                f"{best_mode}; sample_*_fd = that sampler + that decoder")
         _, lab, cnd = batch_data(B)
-        for control in (False, True):
-            kind = "ecm" if control else "base"
-
-            def fd_factory(control=control, lab=lab, cnd=cnd):
+        for kind, control, cfg_control in (("base", False, "both"), ("ecm", True, "both"),
+                                           ("ecm_condonly", True, "cond_only")):
+            def fd_factory(control=control, cfg_control=cfg_control, lab=lab, cnd=cnd):
                 if dec_kw[best_dec] is not None:
                     FASTM.fast_decoder(vq, **dec_kw[best_dec])
-                step, _ = sample_factory(B, control, best_mode, lab, cnd)()
+                step, _ = sample_factory(B, control, best_mode, lab, cnd, cfg_control)()
                 return step, lambda: FASTM.plain_decoder(vq)
             run.case(f"sample_{kind}_b{B}_fd", fd_factory, B, var.L, warmup=args.sample_warmup,
                      iters=args.sample_iters, need=15)
-        tb, te = run.results.get(f"sample_base_b{B}_fd"), run.results.get(f"sample_ecm_b{B}_fd")
+        tb = run.results.get(f"sample_base_b{B}_fd")
+        te, tc = run.results.get(f"sample_ecm_b{B}_fd"), run.results.get(f"sample_ecm_condonly_b{B}_fd")
         if tb and te:
-            run.say(f"sample_ratio_b{B}_fd", f"ECM / base time = {te / tb:.3f} (target ≤ 1.15); base "
-                                             f"{B / tb:.1f} img/s vs target ≥ 290 (2 × the official 145)")
+            run.say(f"sample_ratio_b{B}_fd", f"ECM / base time = {te / tb:.3f} (target ≤ 1.15)"
+                    + (f", with cfg_control cond_only {tc / tb:.3f}" if tc else "")
+                    + f"; base {B / tb:.1f} img/s vs target ≥ 290 (2 × the official 145)")
     var.clear_sampling_graphs()
 
     # ------------------------------------------------------------------ compiled training

@@ -126,21 +126,24 @@ def adapter_positions(depth: int, every: int = 4, offset: int = 3, after_blocks:
 
 
 class ECMHook(VARHook):
-    """Stateful VAR hook of one forward / one sampling run. ``row_gate`` (B', 1, 1) masks rows (CFG
-    ``cond_only``: the null-class half gets no control)."""
+    """Stateful VAR hook of one forward / one sampling run, with control tokens ``r_BLC`` for the first B rows of
+    the VAR's batch. ``rows_off`` more rows follow them that get no control at all (CFG ``cond_only``: the
+    null-class half): the adapters never compute them (their KV caches hold B rows), their hidden states pass
+    through unchanged — each row of the VAR is computed independently of the others, so the controlled rows are
+    what they would be with control on every row."""
 
-    def __init__(self, net: ECMControlNet, r_BLC: Tensor, row_gate: Tensor | None = None) -> None:
-        self.net, self.r, self.row_gate = net, r_BLC, row_gate
+    def __init__(self, net: ECMControlNet, r_BLC: Tensor, rows_off: int = 0) -> None:
+        self.net, self.r, self.rows_off = net, r_BLC, int(rows_off)
         self.bg, self.ed, self.c = 0, r_BLC.shape[1], None
 
-    def _mask(self, t: Tensor) -> Tensor:
-        return t if self.row_gate is None else t * self.row_gate.to(t.dtype)
+    def _pad(self, t: Tensor) -> Tensor:  # zeros for the rows without control
+        return t if not self.rows_off else torch.cat((t, t.new_zeros(self.rows_off, *t.shape[1:])))
 
     def prepare(self, bg: int, ed: int) -> Tensor | None:
         self.bg, self.ed, self.c = bg, ed, None
         if not self.net.inject_input:
             return None
-        return self._mask(torch.tanh(self.net.gate_in) * self.r[:, bg:ed])
+        return self._pad(torch.tanh(self.net.gate_in) * self.r[:, bg:ed])
 
     def kv_caching(self, enable: bool, max_len: int | None = None) -> None:
         for a in self.net.adapters:
@@ -150,19 +153,20 @@ class ECMHook(VARHook):
     def cache_modules(self) -> list[nn.Module]:
         return [a.attn for a in self.net.adapters]
 
+    def cache_rows(self, rows: int) -> int:
+        return rows - self.rows_off
+
     def static_key(self) -> tuple:
-        r, g = self.r, self.row_gate
-        return (id(self.net), tuple(r.shape), r.dtype, str(r.device), None if g is None else tuple(g.shape))
+        r = self.r
+        return (id(self.net), tuple(r.shape), r.dtype, str(r.device), self.rows_off)
 
     def static_clone(self) -> ECMHook:
-        return ECMHook(self.net, self.r.clone(), None if self.row_gate is None else self.row_gate.clone())
+        return ECMHook(self.net, self.r.clone(), self.rows_off)
 
     def load_inputs_(self, other: ECMHook) -> None:
         if other.net is not self.net or other.static_key() != self.static_key():
-            raise ValueError("load_inputs_: the hook differs in net, shapes or row gating")
+            raise ValueError("load_inputs_: the hook differs in net, shapes or controlled rows")
         self.r.copy_(other.r)
-        if self.row_gate is not None:
-            self.row_gate.copy_(other.row_gate)
 
     def __call__(self, block_idx: int, h: Tensor, cond_BD: Tensor, attn_bias: Tensor | None) -> Tensor:
         j = self.net.block_to_adapter.get(block_idx)
@@ -170,12 +174,15 @@ class ECMHook(VARHook):
             return h
         c = self.r[:, self.bg:self.ed] if j == 0 or self.c is None else self.c
         ffn = self.net.ffns[0 if self.net.share_ffn else j]
-        args = (h, c.to(h.dtype), cond_BD, attn_bias, ffn)
+        n = h.shape[0] - self.rows_off
+        hc = h[:n] if self.rows_off else h
+        args = (hc, c.to(h.dtype), cond_BD[:n], attn_bias, ffn)
         if self.net.grad_checkpointing and torch.is_grad_enabled():
             self.c = checkpoint(self.net.adapters[j], *args, use_reentrant=False)
         else:
             self.c = self.net.adapters[j](*args)
-        return (h + self._mask(torch.tanh(self.net.gates[j]) * self.c)).to(h.dtype)
+        out = (hc + torch.tanh(self.net.gates[j]) * self.c).to(h.dtype)
+        return torch.cat((out, h[n:])) if self.rows_off else out
 
 
 class ECMControlNet(nn.Module):
@@ -254,8 +261,8 @@ class ECMControlNet(nn.Module):
             r = r + self.type_embed(type_idx).unsqueeze(1)
         return r
 
-    def make_hook(self, r_BLC: Tensor, row_gate: Tensor | None = None) -> ECMHook:
-        return ECMHook(self, r_BLC, row_gate)
+    def make_hook(self, r_BLC: Tensor, rows_off: int = 0) -> ECMHook:
+        return ECMHook(self, r_BLC, rows_off)
 
     def gate_values(self) -> Tensor:
         """mean |tanh(g_j)| per adapter (+ input gate last, if any) — for logging."""
@@ -280,18 +287,18 @@ class ECMControlNet(nn.Module):
 
     def sampling_hook(self, B: int, cond_img: Tensor | None = None, r: Tensor | None = None,
                       type_idx: Tensor | None = None, cfg_control: str = "both") -> ECMHook:
-        """The hook of one CFG sampling run of B images (rows [cond; null]): control tokens r repeated for the
-        two halves; ``cfg_control``: ``both`` (control on cond and null rows) or ``cond_only``."""
+        """The hook of one CFG sampling run of B images (rows [cond; null]). ``cfg_control``: ``both`` (control
+        tokens r on the cond and the null rows) or ``cond_only`` (the null rows are the plain VAR's; the adapters
+        run on the B cond rows only, half their cost)."""
+        if cfg_control not in ("both", "cond_only"):
+            raise ValueError(f"cfg_control must be both|cond_only, got {cfg_control!r}")
         if r is None:
             r = self.control_tokens(cond_img, type_idx)
-        r2 = torch.cat((r, r), dim=0)
-        if cfg_control == "both":
-            row_gate = None
-        elif cfg_control == "cond_only":
-            row_gate = torch.cat((torch.ones(B, 1, 1, device=r.device), torch.zeros(B, 1, 1, device=r.device)))
-        else:
-            raise ValueError(f"cfg_control must be both|cond_only, got {cfg_control!r}")
-        return self.make_hook(r2, row_gate)
+        if r.shape[0] != B:
+            raise ValueError(f"control tokens for {r.shape[0]} images, expected B={B}")
+        if cfg_control == "cond_only":
+            return self.make_hook(r, rows_off=B)
+        return self.make_hook(torch.cat((r, r), dim=0))
 
     @torch.no_grad()
     def sample(self, var: VAR, vqvae: nn.Module, B: int, labels: Tensor | int | None, cond_img: Tensor | None = None,

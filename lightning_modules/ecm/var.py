@@ -66,6 +66,9 @@ class VARHook:
     def cache_modules(self) -> list[nn.Module]:  # own KV-caching SelfAttention modules
         return []
 
+    def cache_rows(self, rows: int) -> int:  # batch rows those modules cache when the VAR runs ``rows`` rows
+        return rows
+
     def static_key(self) -> tuple:  # hashable: hooks with equal keys can share one captured sampler
         raise self._no_graph("static_key")
 

@@ -250,7 +250,7 @@ class HostSyncOps(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize("control", [False, True])
+@pytest.mark.parametrize("control", [None, "both", "cond_only"])
 def test_static_sampler_steps_have_no_host_syncs(vae, control):
     """What the CUDA graphs capture — the per-scale steps (prologue, blocks, adapters, CFG mix, top-k/top-p,
     argmax(p/q), f̂ update) — contains no op that syncs with the host; the eager sampler's step does (positive
@@ -259,7 +259,7 @@ def test_static_sampler_steps_have_no_host_syncs(vae, control):
     hook = None
     if control:
         ctl = lively_ctl(var)
-        hook = ctl.sampling_hook(2, cond_img=torch.rand(2, 3, 64, 64) * 2 - 1)
+        hook = ctl.sampling_hook(2, cond_img=torch.rand(2, 3, 64, 64) * 2 - 1, cfg_control=control)
     smp = var.static_sampler(2, vae, cfg=1.5, top_k=50, top_p=0.9, temperatures=TEMPS, hook=hook)
     mode, step = HostSyncOps(), smp.step
 
@@ -342,7 +342,8 @@ def test_gpu_bench_cpu_smoke():
         assert case in out, case
     assert out.count("eager==static 260/260, generator state equal") == 2, out[-3000:]
     assert "diag_saved             | B 2 tok 130: saved for backward" in out and "block 0 by (dtype, shape)" in out
-    for case in ("var_train_130_gc ", "ecm_train_s5_gc ", "decode_b2 ", "decode_b2_cl ", "decode_b2_clc ", "sample_base_b2_fd ", "sample_ecm_b2_fd "):
+    for case in ("var_train_130_gc ", "ecm_train_s5_gc ", "decode_b2 ", "decode_b2_cl ", "decode_b2_clc ",
+                 "sample_base_b2_fd ", "sample_ecm_b2_fd ", "sample_ecm_condonly_b2_fd "):
         assert case in out, case
     diffs = [float(x) for x in re.findall(r"decode_check\S* +\| max \|image − eager image\| = (\S+)", out)]
     assert len(diffs) == 2 and max(diffs) < 1e-4, out[-3000:]  # same maths in fp32: rounding only
@@ -397,6 +398,21 @@ def test_hook_without_graph_methods_says_what_is_missing():
         hook.static_key()
     with pytest.raises(NotImplementedError, match="static_clone"):
         hook.static_clone()
+
+
+def test_cpu_ratio_bench_tiny():
+    """bench/bench_ecm.py (docs/benchmarks.md §1) runs end to end on the tiny models and reports every ratio,
+    including sampling with cfg_control cond_only (timings on 1 repetition: only their sanity is checked)."""
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "bench_ecm.py"), "--size", "tiny", "--reps", "1",
+                        "--warmup", "0"], check=False, capture_output=True, text=True, timeout=300, cwd=REPO)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    for line in ("(a) ECM epoch cost / full-FT epoch cost = ", "(b) early-centric ECM / full-sequence ECM = ",
+                 "(c) sampling ECM / base = ", "(c') with cfg_control cond_only: sampling ECM / base = ",
+                 "(d) on-the-fly / pre-tokenised: "):
+        assert line in out, line
+    ratios = [float(m) for m in re.findall(r"\| (\d+\.\d+)x \w+", out)]
+    assert len(ratios) >= 9 and all(0 < x < 1000 for x in ratios), out[-3000:]
 
 
 def test_flops_bench_tiny(capsys):
