@@ -11,9 +11,9 @@ block-causal mask in teacher forcing, ``None`` in KV-cached sampling, where ``h`
 scale's rows). Optional methods are called when present (see :class:`VARHook`):
 ``prepare(bg, ed) -> Tensor | None`` once per forward (bg = 0) or per sampled scale, returning an additive
 term for the input embeddings x_0 of positions [bg, ed); ``kv_caching(enable, max_len)`` around sampling.
-The static / CUDA-graph sampler (:class:`~lightning_modules.ecm.fastpath.StaticCFGSampler`) also needs ``cache_modules()`` (the hook's own
-:class:`SelfAttention` modules), ``static_key()``, ``static_clone()`` and ``load_inputs_(hook)`` (see
-:class:`VARHook`).
+The static / CUDA-graph sampler (:class:`~lightning_modules.ecm.fastpath.StaticCFGSampler`) also needs
+``cache_modules()`` (the hook's own :class:`SelfAttention` modules, with ``cache_rows(rows)`` if they cache fewer
+rows than the VAR), ``static_key()``, ``static_clone()`` and ``load_inputs_(hook)`` (see :class:`VARHook`).
 
 Compilation: :func:`~lightning_modules.ecm.fastpath.compile_blocks` compiles each block in place (regional ``torch.compile``); because
 :class:`DropPath` keeps its rate in a buffer, blocks with different rates share one graph per shape.
