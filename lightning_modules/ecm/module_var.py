@@ -14,6 +14,8 @@ from lightning_modules.common.base import BaseGenModule, decay_groups
 from lightning_modules.ecm.bases import check_compatible, make_var, make_vqvae
 from lightning_modules.ecm.losses import token_ce
 
+SAMPLERS = ("eager", "static", "graph")
+
 
 def split_codes(codes_BL: torch.Tensor, begin_ends: list[tuple[int, int]], upto: int | None = None) -> list[torch.Tensor]:
     """Flat codes (B, L) in VAR order → per-scale (B, pn²) tensors for scales 0..upto."""
@@ -27,9 +29,13 @@ class VARBase(BaseGenModule):
     def __init__(self, var_preset: str, var_overrides: dict | None, var_weights: str | None, vqvae_preset: str,
                  vqvae_overrides: dict | None, vqvae_weights: str | None, loss_norm: str = "kept_mean",
                  label_smoothing: float = 0.0, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
-                 grad_checkpointing: bool = False, **kwargs: Any):
+                 grad_checkpointing: bool = False, sampler: str = "eager", **kwargs: Any):
         """``grad_checkpointing``: recompute each VAR block (and ECM adapter) in the backward instead of keeping its
-        activations — for GPUs whose memory does not hold the batch (≈ 1/3 more compute per step)."""
+        activations — for GPUs whose memory does not hold the batch (≈ 1/3 more compute per step).
+        ``sampler``: ``eager`` | ``static`` | ``graph`` (CUDA only) for every sample this module draws (validation
+        grids, test, predict); all three give the same tokens from the same generator (ecm/fastpath.py)."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"model.init_args.sampler must be one of {'|'.join(SAMPLERS)}, got {sampler!r}")
         super().__init__(**kwargs)
         self.vqvae, self.vqvae_info = make_vqvae(vqvae_preset, vqvae_overrides, vqvae_weights)
         self.var, self.var_info = make_var(var_preset, var_overrides, var_weights)
@@ -37,12 +43,19 @@ class VARBase(BaseGenModule):
         self.var.grad_checkpointing = grad_checkpointing
         self.vqvae.requires_grad_(False).eval()
         self.loss_norm, self.label_smoothing = loss_norm, label_smoothing
-        self.sample_kwargs = {"cfg": cfg, "top_k": top_k, "top_p": top_p}
+        self.sample_kwargs = {"cfg": cfg, "top_k": top_k, "top_p": top_p, "sampler": sampler}
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.vqvae.eval()  # frozen tokenizer: never in training mode
         return self
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dev = self.trainer.strategy.root_device if self._trainer is not None else None
+        if self.sample_kwargs["sampler"] == "graph" and dev is not None and dev.type != "cuda":
+            raise ValueError(f"model.init_args.sampler 'graph' captures CUDA graphs and needs a CUDA device; this run "
+                             f"is on {dev} (use 'static': the same tokens without graphs)")
 
     def tokens(self, batch: dict[str, Any], last_si: int | None = None) -> list[torch.Tensor]:
         if "codes" in batch:
@@ -65,7 +78,7 @@ class VARBase(BaseGenModule):
 
 class VARModule(VARBase):
     frozen_prefixes = ("vqvae.",)
-    runtime_args = ("vqvae_weights", "var_weights", "cfg", "top_k", "top_p", "grad_checkpointing")
+    runtime_args = ("vqvae_weights", "var_weights", "cfg", "top_k", "top_p", "grad_checkpointing", "sampler")
 
     def __init__(self, var_preset: str = "d16", var_overrides: dict | None = None, var_weights: str | None = None,
                  vqvae_preset: str = "vae_ch160v4096z32", vqvae_overrides: dict | None = None,

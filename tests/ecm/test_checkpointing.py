@@ -1,6 +1,5 @@
 """Activation checkpointing of the VAR blocks and the ECM adapters (``grad_checkpointing``): the same loss and
-gradients (drop-path masks replayed), far fewer bytes kept for the backward, and the module knob reaches both nets."""
-import pytest
+gradients (drop-path masks replayed) and far fewer bytes kept for the backward (the module knob: test_module_knobs)."""
 import torch
 import torch.nn.functional as F
 
@@ -91,18 +90,3 @@ def test_checkpointing_is_off_without_grad():
     var.grad_checkpointing = False
     with torch.no_grad():
         assert torch.equal(var(label, x), a)
-
-
-@pytest.mark.parametrize("module", ["VARModule", "ECMModule"])
-def test_module_knob_reaches_the_networks(module):
-    import lightning_modules.ecm as ecm
-
-    kw = {"var_preset": "tiny", "vqvae_preset": "tiny", "grad_checkpointing": True,
-          "var_overrides": {"depth": 2, "embed_dim": 64, "num_heads": 2}}
-    if module == "ECMModule":
-        kw["control"] = {**CONTROL_PRESETS["tiny"], "every": 1, "offset": 0}
-    m = getattr(ecm, module)(**kw)
-    assert m.var.grad_checkpointing is True and m.hparams.grad_checkpointing is True
-    if module == "ECMModule":
-        assert m.control.grad_checkpointing is True
-    assert "grad_checkpointing" in type(m).runtime_args

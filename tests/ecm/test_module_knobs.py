@@ -1,0 +1,54 @@
+"""Knobs of VARModule / ECMModule that pick a speed path: ``grad_checkpointing`` (activation checkpointing) and
+``sampler`` (eager / static / CUDA-graph sampling for validation grids, test and predict)."""
+import lightning.pytorch as pl
+import pytest
+import torch
+
+import lightning_modules.ecm as ecm
+from lightning_modules.ecm.control import CONTROL_PRESETS
+
+TINY = {"var_preset": "tiny", "vqvae_preset": "tiny", "var_overrides": {"depth": 2, "embed_dim": 64, "num_heads": 2}}
+CONTROL = {**CONTROL_PRESETS["tiny"], "every": 1, "offset": 0}
+
+
+def _module(name: str, **kw):
+    torch.manual_seed(0)
+    if name == "ECMModule":
+        kw.setdefault("control", CONTROL)
+    return getattr(ecm, name)(**TINY, **kw)
+
+
+@pytest.mark.parametrize("module", ["VARModule", "ECMModule"])
+def test_module_knob_reaches_the_networks(module):
+    m = _module(module, grad_checkpointing=True)
+    assert m.var.grad_checkpointing is True and m.hparams.grad_checkpointing is True
+    if module == "ECMModule":
+        assert m.control.grad_checkpointing is True
+    assert "grad_checkpointing" in type(m).runtime_args
+
+
+def test_sampler_knob_same_images_as_eager():
+    """sampler='static' in the module: validation/test/predict images equal the eager sampler's (same per-batch
+    generator), with and without control; the knob is a runtime arg (test/predict may switch it)."""
+    m = _module("ECMModule", sampler="static").eval()
+    with torch.no_grad():
+        m.control.gates.fill_(0.5)  # the control changes the images
+    g = torch.Generator().manual_seed(3)
+    batch = {"label": torch.tensor([1, 4]), "cond": torch.rand(2, 3, 64, 64, generator=g) * 2 - 1,
+             "key": ["a", "b"]}
+    for control in (True, False):
+        fast = m.sample(batch, control=control)
+        m.sample_kwargs["sampler"] = "eager"
+        slow = m.sample(batch, control=control)
+        m.sample_kwargs["sampler"] = "static"
+        assert fast.shape == (2, 3, 64, 64) and torch.equal(fast, slow), control
+    assert "sampler" in ecm.ECMModule.runtime_args and "sampler" in ecm.VARModule.runtime_args
+
+
+def test_sampler_knob_errors():
+    with pytest.raises(ValueError, match=r"sampler must be one of eager\|static\|graph, got 'fast'"):
+        _module("VARModule", sampler="fast")
+    m = _module("VARModule", sampler="graph")
+    m.trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="'graph' captures CUDA graphs and needs a CUDA device; this run is on cpu"):
+        m.setup("fit")
