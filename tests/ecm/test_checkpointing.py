@@ -1,5 +1,6 @@
 """Activation checkpointing of the VAR blocks and the ECM adapters (``grad_checkpointing``): the same loss and
 gradients (drop-path masks replayed) and far fewer bytes kept for the backward (the module knob: test_module_knobs)."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -90,3 +91,27 @@ def test_checkpointing_is_off_without_grad():
     var.grad_checkpointing = False
     with torch.no_grad():
         assert torch.equal(var(label, x), a)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_checkpointing_lowers_cuda_peak_memory():
+    """On CUDA under bf16 autocast: peak memory of forward + backward falls, the loss stays the same."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        var = build_var("tiny", depth=8, embed_dim=256, num_heads=4, drop_path_rate=0.0, cond_drop_rate=0.0).train()
+    label, x, target = (t.cuda() for t in _inputs(var, B=32))
+    peak, loss = {}, {}
+    for ckpt in (False, True):
+        var.grad_checkpointing = ckpt
+        var.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = F.cross_entropy(var(label, x).flatten(0, 1), target.flatten())
+        out.backward()
+        torch.cuda.synchronize()
+        peak[ckpt], loss[ckpt] = torch.cuda.max_memory_allocated() - base, out.item()
+    assert loss[True] == loss[False]
+    assert peak[True] < 0.6 * peak[False], peak
