@@ -228,7 +228,8 @@ def main(argv=None) -> dict:
     print(f"(c) sampling ECM / base = {samp:.3f} without decode, {samp_dec:.3f} incl. VQVAE decode  (target ≤ 1.15: "
           f"{'MET' if samp <= 1.15 else 'NOT met'} / {'MET' if samp_dec <= 1.15 else 'NOT met'}; "
           f"cfg_control {ecm.cfg_control})")
-    print(f"(c') with cfg_control {other}: sampling ECM / base = {res[f'sampling_overhead_{other}']:.3f} without decode")
+    print(f"(c') with cfg_control {other}: sampling ECM / base = {res[f'sampling_overhead_{other}']:.3f} "
+          "without decode")
     print(f"(d) on-the-fly / pre-tokenised: ECM step at s={mid} {res['fly_vs_pretok_step']:.3f}x; tokenisation alone "
           f"{res['fly_vs_pretok_tokens']:.1f}x ({med[f'tok_fly_s{mid}'] * 1e3:.1f} vs {med[f'tok_pretok_s{mid}'] * 1e3:.2f} ms)")
     mb = res["min_based"]

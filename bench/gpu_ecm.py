@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import sys
 import time
@@ -101,11 +102,30 @@ def elapsed() -> float:
 
 
 class Runner:
-    def __init__(self, args, dev: torch.device, card: str):
+    """Runs and prints the cases; with ``--json`` it also rewrites a JSON record after every line (so a run killed
+    by a timeout keeps what it measured): {"meta", "cases": {name: {ms, min_ms, n, img_s, peak_gib, batch, tokens}},
+    "lines": [[name, text], …]} (every printed line, in order) — ``bench/gpu_report.py`` turns it into the docs
+    table against the issue's targets."""
+
+    def __init__(self, args, dev: torch.device, card: str, meta: dict | None = None):
         self.args, self.dev, self.card, self.results = args, dev, card, {}
+        self.record = {"meta": {"card": card, **(meta or {})}, "cases": {}, "lines": []}
+
+    def save(self) -> None:
+        if getattr(self.args, "json", None):
+            self.record["meta"]["elapsed_s"] = round(elapsed(), 1)
+            Path(self.args.json).write_text(json.dumps(self.record, indent=1))
 
     def say(self, name: str, text: str) -> None:
         print(f"[gpu_ecm] {self.card} | {name:<22} | {text}", flush=True)
+        self.record["lines"].append([name, text])
+        self.save()
+
+    def _keep(self, name: str, med: float, ts: list[float] | None, batch: int, tokens, peak: float | None) -> None:
+        self.results[name] = med
+        self.record["cases"][name] = {"ms": med * 1e3, "min_ms": min(ts) * 1e3 if ts else None,
+                                      "n": len(ts) if ts else None, "img_s": batch / med, "batch": batch,
+                                      "tokens": tokens, "peak_gib": None if peak is None or peak != peak else peak}
 
     def case(self, name: str, fn_factory, batch: int, tokens: int | str, warmup=None, iters=None,
              need: float = 0.0) -> float | None:
@@ -134,7 +154,7 @@ class Runner:
             if self.dev.type == "cuda":
                 torch.cuda.empty_cache()
         med = statistics.median(ts)
-        self.results[name] = med
+        self._keep(name, med, ts, batch, tokens, gib(self.dev))
         self.say(name, f"B {batch:>3} | tok {tokens!s:>5} | {med * 1e3:8.1f} ms/step (min {min(ts) * 1e3:.1f}, "
                        f"n {len(ts)}) | {batch / med:8.1f} img/s | peak {gib(self.dev):6.2f} GiB | "
                        f"case wall {time.perf_counter() - t_case:5.1f} s")
@@ -147,7 +167,7 @@ class Runner:
             return None
         mean_t = sum(p * times[s] for s, p in probs.items())
         mean_tok = sum(p * eds[s] for s, p in probs.items())
-        self.results[name] = mean_t
+        self._keep(name, mean_t, None, batch, round(mean_tok), None)
         self.say(name, f"B {batch:>3} | tok {mean_tok:>5.0f} | {mean_t * 1e3:8.1f} ms/step (= Σ p_s t_s, trunc_probs "
                        f"{probs}) | {batch / mean_t:8.1f} img/s | peak = {peak_of}")
         return mean_t
@@ -215,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", "--tiny", dest="smoke", action="store_true",
                     help="tiny presets, batch 2, 1 iteration, every path once (CPU check)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, metavar="PATH", help="also write every result to this JSON file "
+                    "(rewritten after each line; read by bench/gpu_report.py)")
     args = ap.parse_args(argv)
     if args.quick:
         args.warmup, args.iters, args.sample_warmup, args.sample_iters = 2, 4, 1, 3
@@ -259,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         return idx, label, cond
 
     idx, label, cond = batch_data(B)
-    run = Runner(args, dev, card)
+    run = Runner(args, dev, card, {"torch": torch.__version__, "cuda": torch.version.cuda, "batch": B,
+                                   "var": args.var, "vqvae": args.vqvae, "control": args.control,
+                                   "command": " ".join([sys.executable, *sys.argv])})
     # bf16 autocast on the GPU; plain fp32 on a CPU (CPU bf16 autocast is emulated and very slow: smoke runs only)
     ac = lambda: torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=cuda)
     trunc = dict(SAMPM.DEFAULT_TRUNC_PROBS) if K == 10 else {K - 5: 0.2, K - 3: 0.6, K - 1: 0.2}
@@ -539,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         train_block("cf", need=150, full=True,
                     loss_fn=lambda f: torch.compile(f, backend=backend, dynamic=False))
         run.say("compile", f"whole-step cases incl. compilation took {time.perf_counter() - t:.0f} s")
+    run.say("done", f"{elapsed():.1f} s")
     print(f"[gpu_ecm] done in {elapsed():.1f} s", flush=True)
     return 0
 

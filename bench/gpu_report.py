@@ -1,0 +1,94 @@
+"""Markdown report of a ``bench/gpu_ecm.py --json`` record against the ECM issue's GPU targets (acceptance 5).
+
+Prints the run's setup, every case (ms/step, img/s, peak memory) and the targets table: for each target the best
+case that measures it, its value and whether the target is met. The official reference figures (387 / 1,087 / 145
+img/s) were measured on one H200 at batch 64 with VAR-d16: a run on another card, batch or model is flagged.
+
+    python bench/gpu_report.py gpu_ecm.json >> notes.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+OFFICIAL = {"train_all": 387.0, "train_8": 1087.0, "sample": 145.0}
+
+
+def best(cases: dict, pattern: str) -> tuple[str, dict] | None:
+    """The fastest case whose name matches ``pattern`` (full match)."""
+    hits = [(n, c) for n, c in cases.items() if re.fullmatch(pattern, n)]
+    return max(hits, key=lambda nc: nc[1]["img_s"]) if hits else None
+
+
+def ratio_rows(cases: dict, num: str, den: str, suffixes: list[str]) -> list[tuple[str, float]]:
+    out = []
+    for s in suffixes:
+        a, b = cases.get(num.format(s)), cases.get(den.format(s))
+        if a and b:
+            out.append((f"{num.format(s)} / {den.format(s)}", a["ms"] / b["ms"]))
+    return out
+
+
+def report(rec: dict) -> str:
+    meta, cases = rec["meta"], rec["cases"]
+    lines = [f"**Card**: {meta.get('card')}, torch {meta.get('torch')}, CUDA {meta.get('cuda')}; VAR {meta.get('var')}, "
+             f"VQVAE {meta.get('vqvae')}, control {meta.get('control')}, batch {meta.get('batch')}; "
+             f"{meta.get('elapsed_s')} s. **Command**: `{meta.get('command')}`", ""]
+    if "H200" not in str(meta.get("card")) or meta.get("batch") != 64 or meta.get("var") != "d16":
+        lines += ["> The official figures are from an H200 at batch 64 with VAR-d16; this run differs, so compare "
+                  "the targets below with care.", ""]
+    lines += ["| case | tokens | ms/step | min ms | img/s | peak GiB |", "|---|---|---|---|---|---|"]
+    for n, c in cases.items():
+        peak = "–" if c.get("peak_gib") is None else f"{c['peak_gib']:.2f}"
+        mn = "–" if c.get("min_ms") is None else f"{c['min_ms']:.1f}"
+        lines.append(f"| `{n}` | {c['tokens']} | {c['ms']:.1f} | {mn} | {c['img_s']:.1f} | {peak} |")
+    toks = sorted({int(m[1]) for n in cases if (m := re.fullmatch(r"var_train_(\d+)(c|cf)?", n))})
+    B = meta.get("batch")
+    targets = []
+    if toks:
+        for label, tok, ref in (("base VAR training, all tokens", toks[-1], OFFICIAL["train_all"]),
+                                ("base VAR training, first 8 scales", toks[0], OFFICIAL["train_8"])):
+            if label.endswith("scales") and len(toks) < 2:
+                continue
+            targets.append((f"{label} ({tok} tokens) ≥ official compiled", ref, best(cases, f"var_train_{tok}(c|cf)?"),
+                            "≥"))
+    targets.append(("ECM training, early-centric (Σ p_s t_s)", 1000.0, best(cases, r"ecm_train_early(c|cf)?"), "≥"))
+    targets.append((f"CFG sampling incl. decode ≥ 2× official ({OFFICIAL['sample']:.0f})", 2 * OFFICIAL["sample"],
+                    best(cases, rf"sample_base_b{B}_\w+"), "≥"))
+    lines += ["", "| target | needed | best case | measured | met? |", "|---|---|---|---|---|"]
+    for label, need, hit, _ in targets:
+        if hit is None:
+            lines.append(f"| {label} | {need:,.0f} img/s | – | not measured | – |")
+        else:
+            lines.append(f"| {label} | {need:,.0f} img/s | `{hit[0]}` | {hit[1]['img_s']:.1f} img/s | "
+                         f"{'**yes**' if hit[1]['img_s'] >= need else 'no'} |")
+    modes = sorted({m[1] for n in cases if (m := re.fullmatch(rf"sample_base_b{B}_(\w+)", n))})
+    for name, value in ratio_rows(cases, f"sample_ecm_b{B}_{{}}", f"sample_base_b{B}_{{}}", modes):
+        lines.append(f"| sampling with adapters ≤ 1.15× base | ≤ 1.15 | {name} | {value:.3f}× | "
+                     f"{'**yes**' if value <= 1.15 else 'no'} |")
+    full = [n for n in cases if re.fullmatch(r"ecm_fullft_\d+", n)]
+    if full:
+        tail = full[0][len("ecm_fullft"):]
+        for name, value in ratio_rows(cases, "ecm_train_early{}", "ecm_fullft" + tail + "{}", ["", "c"]):
+            lines.append(f"| ECM epoch ≤ 0.45× full fine-tune | ≤ 0.45 | {name} | {value:.3f}× | "
+                         f"{'**yes**' if value <= 0.45 else 'no'} |")
+    notes = [(k, v) for k, v in rec.get("lines", []) if k not in cases]
+    if notes:
+        lines += ["", "Other lines:", ""] + [f"- `{k}`: {v}" for k, v in notes]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("json", help="the file written by bench/gpu_ecm.py --json")
+    a = ap.parse_args(argv)
+    with open(a.json) as f:
+        sys.stdout.write(report(json.load(f)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
