@@ -2,11 +2,13 @@
 
 :func:`require_pretrained_dir` is the one check (and the one error message) for a ``save_pretrained`` directory of
 transformers / diffusers / peft models: metrics' estimators now, the methods' frozen bases later.
+:func:`find_local_file` is the search for a single weight file (a path, a folder holding it, a TORCH_HOME layout).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 
@@ -26,3 +28,18 @@ def require_pretrained_dir(path: str | os.PathLike | None, what: str, example: s
         raise FileNotFoundError(f"{what} directory {str(p)!r} {problem}: save {example} there with save_pretrained "
                                 f"and pass its path{where}; nothing is downloaded")
     return p
+
+
+def find_local_file(roots: Iterable[str | os.PathLike], name: str,
+                    subdirs: Sequence[str] = ("",)) -> tuple[Path | None, list[str]]:
+    """The first existing file among, for each root in order, the root itself (unless it is a folder) and
+    ``root/<subdir>/name`` for each subdir (``""``: the root). Returns (that file or None, the paths tried, in
+    order and once each) so that the caller's error message can list them."""
+    tried: list[str] = []
+    for root in roots:
+        r = Path(root).expanduser()
+        for cand in ([] if r.is_dir() else [r]) + [r / s / name if s else r / name for s in subdirs]:
+            tried.append(str(cand))
+            if cand.is_file():
+                return cand, list(dict.fromkeys(tried))
+    return None, list(dict.fromkeys(tried))

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_modules.common.local_files import find_local_file
+
 __all__ = [
     "INCEPTION_WEIGHTS_ENV",
     "INCEPTION_WEIGHTS_FILENAME",
@@ -335,21 +337,12 @@ def resolve_inception_weights(path: str | os.PathLike | None = None) -> Path:
     ``path`` may be the file or a directory holding it. Raises ``FileNotFoundError`` naming the file and the places
     looked at; nothing is downloaded.
     """
-    tried: list[str] = []
-    candidates: list[Path] = []
-    if path is not None:
-        candidates.append(Path(path).expanduser())
-    env = os.environ.get(INCEPTION_WEIGHTS_ENV)
-    if path is None and env:
-        candidates.append(Path(env).expanduser())
     hub_dir = Path(torch.hub.get_dir())
-    if path is None:
-        candidates.append(hub_dir / "checkpoints" / INCEPTION_WEIGHTS_FILENAME)
-    for c in candidates:
-        f = c / INCEPTION_WEIGHTS_FILENAME if c.is_dir() else c
-        tried.append(str(f))
-        if f.is_file():
-            return f
+    env = os.environ.get(INCEPTION_WEIGHTS_ENV)
+    roots = [path] if path is not None else [*([env] if env else []), hub_dir / "checkpoints"]
+    found, tried = find_local_file(roots, INCEPTION_WEIGHTS_FILENAME)
+    if found is not None:
+        return found
     raise FileNotFoundError(
         f"FID Inception weights not found (looked at: {', '.join(tried)}). Expected the file "
         f"'{INCEPTION_WEIGHTS_FILENAME}' (TF Inception 2015-12-05 ported to PyTorch, 95.7 MB, as used by "

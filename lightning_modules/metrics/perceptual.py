@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
+from lightning_modules.common.local_files import find_local_file
+
 __all__ = [
     "LPIPS",
     "LPIPS_BACKBONE_FILES",
@@ -219,24 +221,14 @@ def resolve_lpips_backbone(net_type: str, weights_path: str | os.PathLike | None
     """
     net = _net(net_type)
     name = LPIPS_BACKBONE_FILES[net]
-    roots: list[Path] = []
-    if weights_path is not None:
-        roots.append(Path(weights_path).expanduser())
-    else:
-        env = os.environ.get(LPIPS_TORCH_HOME_ENV)
-        if env:
-            roots.append(Path(env).expanduser())
-        roots.append(Path(torch.hub.get_dir()) / "checkpoints")
-    tried = []
-    for r in roots:
-        for cand in (r, r / name, r / "checkpoints" / name, r / "hub" / "checkpoints" / name):
-            if cand == r and r.is_dir():
-                continue
-            tried.append(str(cand))
-            if cand.is_file():
-                return cand
+    env = os.environ.get(LPIPS_TORCH_HOME_ENV)
+    roots = [weights_path] if weights_path is not None else [*([env] if env else []),
+                                                             Path(torch.hub.get_dir()) / "checkpoints"]
+    found, tried = find_local_file(roots, name, subdirs=("", "checkpoints", "hub/checkpoints"))
+    if found is not None:
+        return found
     raise FileNotFoundError(
-        f"LPIPS backbone '{name}' ({net}) not found (looked at: {', '.join(dict.fromkeys(tried))}). Place the "
+        f"LPIPS backbone '{name}' ({net}) not found (looked at: {', '.join(tried)}). Place the "
         f"torchvision checkpoint file under that name in $TORCH_HOME/hub/checkpoints/, or set "
         f"{LPIPS_TORCH_HOME_ENV} to a folder holding it (flat or as hub/checkpoints/), or pass its path. "
         f"Nothing is downloaded at run time."
