@@ -114,7 +114,9 @@ class Runner:
     def save(self) -> None:
         if getattr(self.args, "json", None):
             self.record["meta"]["elapsed_s"] = round(elapsed(), 1)
-            Path(self.args.json).write_text(json.dumps(self.record, indent=1))
+            tmp = Path(f"{self.args.json}.tmp")  # write + rename: a kill mid-write leaves the previous record whole
+            tmp.write_text(json.dumps(self.record, indent=1))
+            tmp.replace(self.args.json)
 
     def say(self, name: str, text: str) -> None:
         print(f"[gpu_ecm] {self.card} | {name:<22} | {text}", flush=True)

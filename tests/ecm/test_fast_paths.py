@@ -2,6 +2,7 @@
 no per-block recompiles), the static / CUDA-graph sampler (same tokens as the eager sampler), and the CPU smoke mode
 of bench/gpu_ecm.py. CUDA-only checks are marked ``gpu`` (skipped on CPU machines)."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -331,17 +332,19 @@ def test_cuda_graph_sampler_matches_eager(amp):
 
 # ----------------------------------------------------------------------------- bench smoke
 def test_gpu_bench_cpu_smoke(tmp_path):
-    """bench/gpu_ecm.py --smoke --device cpu: every case kind once on tiny models (Lightning-free import path); its
-    --json record holds every printed case and bench/gpu_report.py turns it into the report."""
+    """bench/gpu_run.sh (the session's GPU command) with --smoke --device cpu: bench/gpu_ecm.py runs every case kind
+    once on tiny models (Lightning-free import path, whole-step compile included), its --json record holds every
+    printed case, and bench/gpu_report.py turns it into $OUT/report.md."""
     t = time.perf_counter()
+    env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable, "BUDGET": "300"}
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu_run.sh"), "--smoke", "--device", "cpu"], check=False,
+                       capture_output=True, text=True, timeout=400, cwd=REPO, env=env)
     rec_path = tmp_path / "gpu_ecm.json"
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_ecm.py"), "--smoke", "--device", "cpu", "--json",
-                        str(rec_path)], check=False, capture_output=True, text=True, timeout=300, cwd=REPO)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-3000:]
+    out = (tmp_path / "gpu_ecm.txt").read_text()
+    assert r.returncode == 0 and "[gpu_run] gpu_ecm.py exit status 0" in out, (r.stdout + r.stderr)[-3000:]
     assert "FAILED" not in out and "SKIPPED" not in out, out[-3000:]
     for case in ("var_train_130 ", "ecm_train_s3 ", "ecm_fullft_130 ", "sample_base_b2_static", "sample_ecm_b2_eager",
-                 "var_train_130c ", "ecm_train_s3c ", "ecm_fullft_130c "):
+                 "var_train_130c ", "ecm_train_s3c ", "ecm_fullft_130c ", "var_train_130cf ", "ecm_train_s3cf "):
         assert case in out, case
     assert out.count("eager==static 260/260, generator state equal") == 2, out[-3000:]
     assert "diag_saved             | B 2 tok 130: saved for backward" in out and "block 0 by (dtype, shape)" in out
@@ -355,9 +358,8 @@ def test_gpu_bench_cpu_smoke(tmp_path):
     printed = set(re.findall(r"\| (\S+) +\| B +\d+ \| tok", out))
     assert printed and printed == set(rec["cases"]), (printed ^ set(rec["cases"]))
     assert rec["meta"]["card"] == "CPU" and rec["meta"]["batch"] == 2 and rec["lines"][-1][0] == "done"
-    rep = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_report.py"), str(rec_path)], check=True,
-                         capture_output=True, text=True, timeout=60).stdout
-    assert "this run differs" in rep and "| `sample_base_b2_fd` |" in rep and "sampling with adapters" in rep
+    rep = (tmp_path / "report.md").read_text()
+    assert rep in r.stdout and "this run differs" in rep and "| `sample_base_b2_fd` |" in rep and "sampling with adapters" in rep
     print(f"bench smoke wall {time.perf_counter() - t:.1f} s")
 
 
