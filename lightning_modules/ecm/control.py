@@ -175,7 +175,7 @@ class ECMHook(VARHook):
         c = self.r[:, self.bg:self.ed] if j == 0 or self.c is None else self.c
         ffn = self.net.ffns[0 if self.net.share_ffn else j]
         n = h.shape[0] - self.rows_off
-        hc = h[:n] if self.rows_off else h
+        hc = h[:n]
         args = (hc, c.to(h.dtype), cond_BD[:n], attn_bias, ffn)
         if self.net.grad_checkpointing and torch.is_grad_enabled():
             self.c = checkpoint(self.net.adapters[j], *args, use_reentrant=False)

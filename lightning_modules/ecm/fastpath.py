@@ -62,19 +62,17 @@ class StaticCFGSampler:
         self.hook = hook
         if cuda_graph and hook is not None:
             self.hook = hook.static_clone()  # owns the input buffers the graphs read
-        own = [b.attn for b in var.blocks]
-        hook_mods = _hook_cache_modules(self.hook)
+        own, hook_mods = [b.attn for b in var.blocks], _hook_cache_modules(self.hook)
         self.modules = own + hook_mods
         amp = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
-        hook_rows = getattr(self.hook, "cache_rows", None)
-        rows_of = {id(m): 2 * B for m in own} | {id(m): hook_rows(2 * B) if hook_rows else 2 * B for m in hook_mods}
+        hook_rows = self.hook.cache_rows(2 * B) if hasattr(self.hook, "cache_rows") else 2 * B
 
-        def kv_buffers(m: SelfAttention) -> tuple[Tensor, Tensor]:  # keys/values in the dtype the blocks compute in
+        def kv_buffers(m: SelfAttention, rows: int) -> tuple[Tensor, Tensor]:  # in the dtype the blocks compute in
             kw = {"device": dev, "dtype": amp or m.mat_qkv.weight.dtype}
-            shape = (rows_of[id(m)], m.num_heads, var.L, m.head_dim)
+            shape = (rows, m.num_heads, var.L, m.head_dim)
             return torch.empty(shape, **kw), torch.empty(shape, **kw)
 
-        self.kv = [kv_buffers(m) for m in self.modules]
+        self.kv = [kv_buffers(m, 2 * B) for m in own] + [kv_buffers(m, hook_rows) for m in hook_mods]
         self.labels = torch.zeros(B, dtype=torch.long, device=dev)
         self.rows = [B * pn * pn for pn in var.patch_nums]
         self.noise = torch.ones(max(self.rows) * var.V, dtype=torch.float32, device=dev)

@@ -13,8 +13,7 @@ import torch
 from lightning_modules.common.base import BaseGenModule, decay_groups
 from lightning_modules.ecm.bases import check_compatible, make_var, make_vqvae
 from lightning_modules.ecm.losses import token_ce
-
-SAMPLERS = ("eager", "static", "graph")
+from lightning_modules.ecm.var import SAMPLERS
 
 
 def split_codes(codes_BL: torch.Tensor, begin_ends: list[tuple[int, int]], upto: int | None = None) -> list[torch.Tensor]:
@@ -52,8 +51,8 @@ class VARBase(BaseGenModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        dev = self.trainer.strategy.root_device if self._trainer is not None else None
-        if self.sample_kwargs["sampler"] == "graph" and dev is not None and dev.type != "cuda":
+        dev = self.trainer.strategy.root_device
+        if self.sample_kwargs["sampler"] == "graph" and dev.type != "cuda":
             raise ValueError(f"model.init_args.sampler 'graph' captures CUDA graphs and needs a CUDA device; this run "
                              f"is on {dev} (use 'static': the same tokens without graphs)")
 

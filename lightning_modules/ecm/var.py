@@ -51,6 +51,7 @@ VAR_PRESETS: dict[str, dict] = {
              "patch_nums": TINY_PATCH_NUMS},
 }
 HookFn = Callable[[int, Tensor, Tensor, "Tensor | None"], Tensor]
+SAMPLERS = ("eager", "static", "graph")  # VAR.autoregressive_infer_cfg(sampler=...)
 
 
 class VARHook:
@@ -476,8 +477,8 @@ class VAR(nn.Module):
         cached under the configuration key (batch, settings, autocast, hook key, VQVAE, compile kwargs)."""
         from .fastpath import StaticCFGSampler
 
-        if sampler not in ("static", "graph"):
-            raise ValueError(f"sampler must be eager|static|graph, got {sampler!r}")
+        if sampler not in SAMPLERS[1:]:
+            raise ValueError(f"sampler must be {'|'.join(SAMPLERS)}, got {sampler!r}")
         kw = {"cfg": cfg, "top_k": top_k, "top_p": top_p, "temperatures": tuple(temperatures), "hook": hook,
               "return_logits": return_logits, "compile_kw": compile_kw}
         if sampler == "static":
