@@ -23,6 +23,10 @@ the order they run (eager first, compiled last: a compiled block would also be u
                             ``decode_check`` each; ``sample_{base,ecm}_b{B}_fd``: the fastest sampler mode with the
                             fastest decoder (the end-to-end sampling figure for the ≥ 290 img/s target);
                             ``sample_ecm_condonly_b{B}_fd``: the same with cfg_control cond_only
+* ``prof_<case>``          --profile REGEX (bare: ``DEFAULT_PROFILE``): after timing each matching case, 2 more steps
+                            under ``torch.profiler``: device busy share of the wall time and device time by kind of
+                            kernel (GEMM, attention, conv, norm, Triton-fused, elementwise, copy/cast, ...), top kernels
+                            (``bench/kernel_profile.py``; the JSON record keeps them under "profiles")
 * ``diag_saved``            bytes autograd saves for backward in one base VAR forward + CE (batch B, all tokens):
                             block 0 by (dtype, shape), the total and what lies outside the blocks
 * compiled (regional: every VAR block, adapter and ViT block ``nn.Module.compile``d; not with --no-compile):
@@ -46,6 +50,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import statistics
 import sys
 import time
@@ -56,6 +61,11 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from kernel_profile import kernel_profile, summary  # noqa: E402
+
+# cases profiled by a bare --profile: where the time of the steps that the targets need goes
+DEFAULT_PROFILE = r"var_train_\d+(c|cf)?|ecm_train_s\d+(c|cf)|sample_base_b\d+_(eager|graph)|decode_b\d+"
 
 
 def _import_networks():
@@ -109,7 +119,8 @@ class Runner:
 
     def __init__(self, args, dev: torch.device, card: str, meta: dict | None = None):
         self.args, self.dev, self.card, self.results = args, dev, card, {}
-        self.record = {"meta": {"card": card, **(meta or {})}, "cases": {}, "lines": []}
+        self.record = {"meta": {"card": card, **(meta or {})}, "cases": {}, "lines": [], "profiles": {}}
+        self.profile_rx = re.compile(args.profile) if getattr(args, "profile", None) else None
 
     def save(self) -> None:
         if getattr(self.args, "json", None):
@@ -146,6 +157,13 @@ class Runner:
         try:
             step, cleanup = fn_factory()
             ts = timed(step, a.warmup if warmup is None else warmup, a.iters if iters is None else iters, self.dev)
+            med, peak = statistics.median(ts), gib(self.dev)
+            self._keep(name, med, ts, batch, tokens, peak)
+            self.say(name, f"B {batch:>3} | tok {tokens!s:>5} | {med * 1e3:8.1f} ms/step (min {min(ts) * 1e3:.1f}, "
+                           f"n {len(ts)}) | {batch / med:8.1f} img/s | peak {peak:6.2f} GiB | "
+                           f"case wall {time.perf_counter() - t_case:5.1f} s")
+            if self.profile_rx is not None and self.profile_rx.fullmatch(name):
+                self.profile(name, step)
         except Exception as e:  # noqa: BLE001 - report (OOM, compile failure) and go on with the next case
             msg = str(e).splitlines()[0][:200] if str(e) else ""
             self.say(name, f"FAILED {type(e).__name__}: {msg}")
@@ -155,12 +173,19 @@ class Runner:
                 cleanup()
             if self.dev.type == "cuda":
                 torch.cuda.empty_cache()
-        med = statistics.median(ts)
-        self._keep(name, med, ts, batch, tokens, gib(self.dev))
-        self.say(name, f"B {batch:>3} | tok {tokens!s:>5} | {med * 1e3:8.1f} ms/step (min {min(ts) * 1e3:.1f}, "
-                       f"n {len(ts)}) | {batch / med:8.1f} img/s | peak {gib(self.dev):6.2f} GiB | "
-                       f"case wall {time.perf_counter() - t_case:5.1f} s")
         return med
+
+    def profile(self, name: str, step) -> None:
+        """--profile: two more steps under torch.profiler, summed by kind of kernel (``prof_<case>`` lines)."""
+        try:
+            p = kernel_profile(step, self.dev, steps=2)
+        except Exception as e:  # noqa: BLE001 - a diagnostic: report and go on
+            self.say(f"prof_{name}", f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            return
+        self.record["profiles"][name] = p
+        head, tops = summary(p)
+        self.say(f"prof_{name}", head)
+        self.say(f"prof_{name}", tops)
 
     def derived(self, name: str, times: dict[int, float | None], probs: dict[int, float], eds: list[int],
                 batch: int, peak_of: str) -> float | None:
@@ -237,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", "--tiny", dest="smoke", action="store_true",
                     help="tiny presets, batch 2, 1 iteration, every path once (CPU check)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", nargs="?", const=DEFAULT_PROFILE, default=None, metavar="REGEX",
+                    help="after timing each case whose name fully matches REGEX, profile 2 more steps and print the "
+                         "device time by kind of kernel and the device-busy share (bare flag: the cases the targets "
+                         "need)")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write every result to this JSON file "
                     "(rewritten after each line; read by bench/gpu_report.py)")
     args = ap.parse_args(argv)

@@ -32,6 +32,27 @@ def ratio_rows(cases: dict, num: str, den: str, suffixes: list[str]) -> list[tup
     return out
 
 
+def profile_table(profiles: dict) -> list[str]:
+    """--profile: per profiled case the busy share and the time split by kind of kernel (columns: every kind that
+    takes ≥ 1 % somewhere), then the top kernels."""
+    if not profiles:
+        return []
+    share = {n: {k: v / p["busy_ms"] for k, v in p["by_category"].items()} for n, p in profiles.items() if p["busy_ms"]}
+    kinds = sorted({k for sh in share.values() for k, f in sh.items() if f >= 0.01},
+                   key=lambda k: -sum(sh.get(k, 0.0) for sh in share.values()))
+    busy = "device busy" if any(p.get("device") for p in profiles.values()) else "op busy (CPU)"
+    out = ["", f"Where the time goes (`--profile`: 2 steps under torch.profiler; shares of the {busy} time):", "",
+           f"| case | wall ms | {busy} | " + " | ".join(kinds) + " |", "|---|---|---|" + "---|" * len(kinds)]
+    for n, sh in share.items():
+        p = profiles[n]
+        out.append(f"| `{n}` | {p['wall_ms']:.1f} | {100 * p['busy_frac']:.0f}% | "
+                   + " | ".join(f"{100 * sh.get(k, 0.0):.0f}%" for k in kinds) + " |")
+    out += ["", "Top kernels per profiled case:", ""]
+    out += [f"- `{n}`: " + "; ".join(f"{name[:80]} {ms:.2f} ms [{kind}]" for name, ms, kind in p["top"])
+            for n, p in profiles.items()]
+    return out
+
+
 def report(rec: dict) -> str:
     meta, cases = rec["meta"], rec["cases"]
     lines = [f"**Card**: {meta.get('card')}, torch {meta.get('torch')}, CUDA {meta.get('cuda')}; VAR {meta.get('var')}, "
@@ -75,7 +96,8 @@ def report(rec: dict) -> str:
         for name, value in ratio_rows(cases, "ecm_train_early{}", "ecm_fullft" + tail + "{}", ["", "c"]):
             lines.append(f"| ECM epoch ≤ 0.45× full fine-tune | ≤ 0.45 | {name} | {value:.3f}× | "
                          f"{'**yes**' if value <= 0.45 else 'no'} |")
-    notes = [(k, v) for k, v in rec.get("lines", []) if k not in cases]
+    lines += profile_table(rec.get("profiles", {}))
+    notes = [(k, v) for k, v in rec.get("lines", []) if k not in cases and not k.startswith("prof_")]
     if notes:
         lines += ["", "Other lines:", ""] + [f"- `{k}`: {v}" for k, v in notes]
     return "\n".join(lines) + "\n"

@@ -354,22 +354,80 @@ def test_gpu_bench_cpu_smoke(tmp_path):
     diffs = [float(x) for x in re.findall(r"decode_check\S* +\| max \|image − eager image\| = (\S+)", out)]
     assert len(diffs) == 2 and max(diffs) < 1e-4, out[-3000:]  # same maths in fp32: rounding only
     assert "done in" in out
+    # --profile (bare, as gpu_run.sh passes it): the default pattern's cases get a split by kind of op
+    for case in ("var_train_130", "ecm_train_s3c", "sample_base_b2_eager", "decode_b2", "var_train_130c",
+                 "var_train_130cf", "ecm_train_s3cf"):
+        m = re.search(rf"prof_{case} +\| [\d.]+ ms/step wall \(profiled\), op busy [\d.]+ ms \(\d+%\): (.*)", out)
+        assert m and "gemm " in m.group(1), case
+    for case in ("sample_ecm_b2_eager", "var_train_130_gc", "ecm_train_s3 "):  # outside the default pattern
+        assert f"prof_{case}" not in out, case
     rec = json.loads(rec_path.read_text())
+    prof = rec["profiles"]
+    assert {"var_train_130", "ecm_train_s3c", "decode_b2"} <= set(prof), sorted(prof)
+    assert all(abs(sum(p["by_category"].values()) - p["busy_ms"]) < 1e-6 * max(1.0, p["busy_ms"]) for p in prof.values())
+    assert max(prof["decode_b2"]["by_category"], key=prof["decode_b2"]["by_category"].get) == "conv"
     printed = set(re.findall(r"\| (\S+) +\| B +\d+ \| tok", out))
     assert printed and printed == set(rec["cases"]), (printed ^ set(rec["cases"]))
     assert rec["meta"]["card"] == "CPU" and rec["meta"]["batch"] == 2 and rec["lines"][-1][0] == "done"
     rep = (tmp_path / "report.md").read_text()
+    assert "Where the time goes" in rep and "| `decode_b2` |" in rep and "op busy (CPU)" in rep
     assert rep in r.stdout and "this run differs" in rep and "| `sample_base_b2_fd` |" in rep and "sampling with adapters" in rep
     print(f"bench smoke wall {time.perf_counter() - t:.1f} s")
 
 
-def test_saved_for_backward_accounts_per_block():
-    """The bench's activation diagnostic: bytes autograd saves, attributed to the running block, storages once."""
+@pytest.mark.parametrize("kernel, kind", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_"
+     "cublas", "gemm"),
+    ("nvjet_tst_192x192_64x4_2x1_v_bz_coopA_TNN", "gemm"),
+    ("triton_tem_fused_mm_3", "gemm"),
+    ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass::bfloat16_t>::Params)",
+     "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_kernel0_0", "attention"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "conv"),
+    ("triton_per_fused__to_copy_add_mul_native_layer_norm_0", "triton fused"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>", "norm"),
+    ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>", "norm"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<TensorListMetadata<1>, LpNormFunctor<float>>",
+     "optimizer"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "elementwise"),
+    ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>", "copy/cast"),
+    ("void at::native::sbtopk::gatherTopK<float, unsigned int, 2, false>", "sampling"),
+    ("void at::native::distribution_elementwise_grid_stride_kernel<float, 4>", "sampling"),
+    ("aten::addmm", "gemm"), ("aten::mul_", "elementwise"), ("some_new_kernel", "other"),
+])
+def test_kernel_profile_categories(kernel, kind):
+    """--profile sums device time by kind of kernel: real CUDA kernel names (cuBLAS, cuDNN, Triton, ATen) land in
+    the right kind, whatever else their names contain (first match wins)."""
+    kp = _bench_module("kernel_profile")
+    assert kp.category(kernel) == kind
+
+
+def test_kernel_profile_splits_op_time():
+    """On a CPU the profile sums the self time of ATen ops: a step that is one large matmul and a ReLU is mostly
+    GEMM, and the kinds add up to the busy time."""
+    kp = _bench_module("kernel_profile")
+    a = torch.randn(384, 384)
+    p = kp.kernel_profile(lambda: (a @ a).relu_(), torch.device("cpu"), steps=3)
+    assert p["device"] is False and p["top"][0][2] == "gemm"
+    assert p["by_category"]["gemm"] > 0.5 * p["busy_ms"] and set(p["by_category"]) <= {"gemm", "elementwise", "other",
+                                                                                           "copy/cast"}
+    assert abs(sum(p["by_category"].values()) - p["busy_ms"]) < 1e-9 and 0 < p["busy_frac"] <= 1.05
+    head, tops = kp.summary(p)
+    assert "op busy" in head and "gemm" in head and tops.startswith("top: aten::")
+
+
+def _bench_module(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("gpu_ecm_bench", REPO / "bench" / "gpu_ecm.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_saved_for_backward_accounts_per_block():
+    """The bench's activation diagnostic: bytes autograd saves, attributed to the running block, storages once."""
+    bench = _bench_module("gpu_ecm")
     lin, act = nn.Linear(4, 3, bias=False), nn.ReLU()
     x = torch.randn(5, 4, requires_grad=True)  # so Linear also saves its weight (for the input's gradient)
     out, total = bench.saved_for_backward(lambda: act(lin(x)).sum() * 2.0, [lin, act])
