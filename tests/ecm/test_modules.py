@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
 from lightning_modules.cli import CtrlgenCLI
+
+REPO = Path(__file__).resolve().parents[2]
 
 TINY_VAR = ["--model.init_args.var_preset=tiny", "--model.init_args.var_overrides={embed_dim: 64, num_heads: 2, depth: 2}"]
 
@@ -56,7 +62,7 @@ def test_ecm_trains_adapters_only_and_keeps_base_frozen(shapes_shards, tmp_path,
     assert "train/tokens" in logged and "train/trunc_scale" in logged and "train/gate0" in logged
 
 
-def test_ecm_test_reports_canny_f1_and_resumes_from_small_checkpoint(shapes_shards, tmp_path, bases):
+def test_ecm_test_reports_canny_f1_and_resumes_from_small_checkpoint(shapes_shards, tmp_path, bases, capsys):
     CtrlgenCLI(args=["fit", *_ecm_args(shapes_shards, tmp_path / "fit", bases, steps=2)])
     ckpt = tmp_path / "fit" / "checkpoints" / "last.ckpt"
     tested = CtrlgenCLI(args=["test", *_ecm_args(shapes_shards, tmp_path / "test", bases, test=True),
@@ -67,6 +73,17 @@ def test_ecm_test_reports_canny_f1_and_resumes_from_small_checkpoint(shapes_shar
     assert float(m["test/canny_f1_margin"]) == pytest.approx(float(m["test/canny_f1"]) - float(m["test/canny_f1_base"]),
                                                              abs=1e-5)
     assert float(m["test/canny_f1_margin_sem"]) >= 0.0
+    # bench/cfg_control_f1.py re-samples the test set from the saved test config (its ckpt_path): its `both` and
+    # base F1 are the module's, and cond_only is scored on the same images
+    spec = importlib.util.spec_from_file_location("cfg_control_f1", REPO / "bench" / "cfg_control_f1.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    saved = sorted((tmp_path / "test").rglob("config.yaml"))  # the logger's directory holds it
+    assert len(saved) == 1 and script.main(["--config", str(saved[0])]) == 0
+    out = dict(re.findall(r"\[cfg_control_f1\] canny F1 (\w+) +([\d.]+)", capsys.readouterr().out))
+    assert float(out["both"]) == pytest.approx(float(m["test/canny_f1"]), abs=1e-4)
+    assert float(out["base"]) == pytest.approx(float(m["test/canny_f1_base"]), abs=1e-4)
+    assert 0.0 <= float(out["cond_only"]) <= 1.0
 
 
 def test_full_finetune_baseline_trains_the_var(shapes_shards, tmp_path, bases):
