@@ -82,7 +82,10 @@ def kernel_profile(step: Callable[[], object], device: torch.device, steps: int 
 
 def summary(p: dict) -> tuple[str, str]:
     """Two printable lines: the busy time and the split by kind; the top kernels."""
-    busy = p["busy_ms"] or float("nan")
+    if not p["busy_ms"]:
+        return (f"{p['wall_ms']:.1f} ms/step wall (profiled), no {'kernel' if p.get('device') else 'op'} events "
+                f"recorded (CUPTI not permitted here?)"), "top: –"
+    busy = p["busy_ms"]
     split = ", ".join(f"{k} {100 * v / busy:.0f}%" for k, v in p["by_category"].items() if v / busy >= 0.005)
     head = (f"{p['wall_ms']:.1f} ms/step wall (profiled), {'device' if p.get('device') else 'op'} busy "
             f"{p['busy_ms']:.1f} ms ({100 * p['busy_frac']:.0f}%): {split}")
