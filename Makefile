@@ -24,8 +24,15 @@ demo: venv
 
 # All tiers that can run on this machine: fast + slow (CPU DDP) + slurm (local cluster; skipped without slurm packages
 # unless CTRLGEN_SLURM=1, which makes the suite bring the cluster up).
+# Fast and slow tiers run in JOBS pytest-xdist workers, one torch thread each (much of the suite waits on subprocesses
+# that import Lightning on one core); the slurm tier runs alone afterwards: its jobs time Slurm's own daemons and must
+# not compete with other tests for the cores. Both phases always run; the target fails if either did. JOBS=0: serial.
+JOBS ?= 2
 test: venv
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)
+	@rc=0; \
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/pytest -m "not gpu and not slurm" -n $(JOBS) $(PYTEST_ARGS) || rc=$$?; \
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -m slurm $(PYTEST_ARGS) || rc=$$((rc ? rc : $$?)); \
+	exit $$rc
 
 test-fast: venv
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -m "not gpu and not slow and not slurm" $(PYTEST_ARGS)

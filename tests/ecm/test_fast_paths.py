@@ -355,10 +355,11 @@ def test_gpu_bench_cpu_smoke(tmp_path):
     assert len(diffs) == 2 and max(diffs) < 1e-4, out[-3000:]  # same maths in fp32: rounding only
     assert "done in" in out
     # --profile (bare, as gpu_run.sh passes it): the default pattern's cases get a split by kind of op
-    for case in ("var_train_130", "ecm_train_s3c", "sample_base_b2_eager", "decode_b2", "var_train_130c",
-                 "var_train_130cf", "ecm_train_s3cf"):
+    for case, kind in (("var_train_130", "gemm"), ("ecm_train_s3c", "gemm"), ("sample_base_b2_eager", "gemm"),
+                       ("decode_b2", "conv"), ("var_train_130c", "gemm"), ("var_train_130cf", "gemm"),
+                       ("ecm_train_s3cf", "gemm")):
         m = re.search(rf"prof_{case} +\| [\d.]+ ms/step wall \(profiled\), op busy [\d.]+ ms \(\d+%\): (.*)", out)
-        assert m and "gemm " in m.group(1), case
+        assert m and f"{kind} " in m.group(1), (case, m and m.group(1))
     for case in ("sample_ecm_b2_eager", "var_train_130_gc", "ecm_train_s3 "):  # outside the default pattern
         assert f"prof_{case}" not in out, case
     rec = json.loads(rec_path.read_text())
