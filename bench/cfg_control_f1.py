@@ -39,23 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import yaml
+
     from lightning_modules.cli import CtrlgenCLI
     from lightning_modules.metrics.control import canny_f1
 
-    import tempfile
-
-    import yaml
-
     cfg = yaml.safe_load(Path(a.config).read_text())
     ckpt_path = a.ckpt or cfg.get("ckpt_path")
-    # a saved `test` config also holds the subcommand's own arguments (ckpt_path, verbose): not parsed here
-    cfg = {k: v for k, v in cfg.items() if k in ("seed_everything", "trainer", "model", "data")}
     if not ckpt_path:
         raise SystemExit(f"{a.config} has no ckpt_path; give --ckpt")
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as tmp:
-        yaml.safe_dump(cfg, tmp)
-    cli = CtrlgenCLI(args=["--config", tmp.name, "--trainer.logger=false"], run=False)
-    os.unlink(tmp.name)
+    # a saved `test` config also holds the subcommand's own arguments (ckpt_path, verbose): not parsed here
+    cfg = {k: v for k, v in cfg.items() if k in ("seed_everything", "trainer", "model", "data")}
+    cfg["trainer"] = {**cfg.get("trainer", {}), "logger": False}
+    cli = CtrlgenCLI(args=cfg, run=False)
     model, dm = cli.model, cli.datamodule
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     model.on_load_checkpoint(ckpt)
