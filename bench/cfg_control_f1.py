@@ -23,12 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """Mean of a − b and its standard error (paired samples)."""
-    d = (a - b).double()
-    return float(d.mean()), float(d.std(unbiased=True) / d.numel() ** 0.5) if d.numel() > 1 else float("nan")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="a `ctrlgen test` config of an ECMModule (canny)")
@@ -42,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
 
     from lightning_modules.cli import CtrlgenCLI
-    from lightning_modules.metrics.control import canny_f1
+    from lightning_modules.metrics.control import MeanSEM, canny_f1
 
     cfg = yaml.safe_load(Path(a.config).read_text())
     ckpt_path = a.ckpt or cfg.get("ckpt_path")
@@ -81,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("both", "cond_only", "base"):
         print(f"[cfg_control_f1] canny F1 {k:<9} {float(f[k].mean()):.4f}")
     for x, y in (("cond_only", "both"), ("both", "base"), ("cond_only", "base")):
-        m, s = paired(f[x], f[y])
-        print(f"[cfg_control_f1] paired {x} − {y}: {m:+.4f} ± {s:.4f} (SEM)")
+        diff = MeanSEM()  # the module's paired margin ± SEM (test/canny_f1_margin), here between any two arms
+        diff.update(f[x] - f[y])
+        m, s = diff.compute()
+        print(f"[cfg_control_f1] paired {x} − {y}: {float(m):+.4f} ± {float(s):.4f} (SEM)")
     return 0
 
 

@@ -70,14 +70,16 @@ def kernel_profile(step: Callable[[], object], device: torch.device, steps: int 
         us = _self_time_us(ev, cuda)
         if us > 0:
             kernels[ev.key] = kernels.get(ev.key, 0.0) + us / 1e3 / steps
+    kind = {name: category(name) for name in kernels}
     by_cat: dict[str, float] = {}
     for name, ms in kernels.items():
-        by_cat[category(name)] = by_cat.get(category(name), 0.0) + ms
+        by_cat[kind[name]] = by_cat.get(kind[name], 0.0) + ms
     busy = sum(kernels.values())
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
-    return {"device": cuda, "wall_ms": wall * 1e3, "busy_ms": busy, "busy_frac": busy / (wall * 1e3) if wall > 0 else float("nan"),
+    return {"device": cuda, "wall_ms": wall * 1e3, "busy_ms": busy,
+            "busy_frac": busy / (wall * 1e3) if wall > 0 else float("nan"),
             "by_category": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
-            "top": [(name, ms, category(name)) for name, ms in ranked]}
+            "top": [(name, ms, kind[name]) for name, ms in ranked]}
 
 
 def summary(p: dict) -> tuple[str, str]:
