@@ -1,6 +1,7 @@
 """ECM on VAR (spec shared/specs/ecm.md): networks and maths as plain ``nn.Module``s / pure functions.
 
-Networks: :class:`VQVAE` (vqvae.py), :class:`VAR` (var.py), :class:`ECMControlNet` (control.py).
+Networks: :class:`VQVAE` (vqvae.py), :class:`VAR` (var.py; its blocks in layers.py),
+:class:`ECMControlNet` (control.py).
 Maths: scales.py (schedule, mask, φ table), sampling.py (CFG, temperature, top-k/top-p, early-centric draw).
 Loading: checkpoint.py. The LightningModules (``VQVAEModule``, ``VARModule``, ``ECMModule``) live in
 ``module_*.py`` and are re-exported at the end of this file.

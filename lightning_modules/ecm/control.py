@@ -14,14 +14,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .fastpath import raise_recompile_limit
-from .var import (
-    FFN,
-    VAR,
-    SelfAttention,
-    VARHook,
-    ada_modulate,
-    drop_labels,
-)
+from .layers import FFN, SelfAttention, ada_modulate
+from .var import VAR, VARHook, drop_labels
 
 CONTROL_PRESETS: dict[str, dict] = {
     "default": {"patch": 16, "width": 384, "vit_depth": 4, "vit_heads": 6},  # 256 px → 16×16 grid (spec §2.1)

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .layers import SelfAttention
 from .sampling import exponential_noise, sample_with_noise
-from .var import VAR, HookFn, SelfAttention, VARHook
+from .var import VAR, HookFn, VARHook
 
 
 def _hook_cache_modules(hook: object | None) -> list[nn.Module]:

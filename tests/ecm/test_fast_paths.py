@@ -27,12 +27,13 @@ from lightning_modules.ecm.fastpath import (
     fast_decoder,
     plain_decoder,
 )
+from lightning_modules.ecm.layers import DropPath
 from lightning_modules.ecm.sampling import (
     exponential_noise,
     sample_top_k_top_p,
     sample_with_noise,
 )
-from lightning_modules.ecm.var import DropPath, VARHook, build_var
+from lightning_modules.ecm.var import VARHook, build_var
 from lightning_modules.ecm.vqvae import build_vqvae
 
 REPO = Path(__file__).resolve().parents[2]
