@@ -49,9 +49,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import re
-import statistics
 import sys
 import time
 import types
@@ -62,7 +59,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from kernel_profile import kernel_profile, summary  # noqa: E402
+from gpu_runner import Runner, elapsed, saved_for_backward  # noqa: E402
 
 # cases profiled by a bare --profile: where the time of the steps that the targets need goes
 DEFAULT_PROFILE = r"var_train_\d+(c|cf)?|ecm_train_s\d+(c|cf)|sample_base_b\d+_(eager|graph)|decode_b\d+"
@@ -82,161 +79,9 @@ def _import_networks():
 
 
 VARM, VQM, CTLM, SAMPM, SCALESM, FASTM = _import_networks()
-T0 = time.perf_counter()
 
 
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def timed(fn, warmup: int, iters: int, dev: torch.device) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    sync(dev)
-    out = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        sync(dev)
-        out.append(time.perf_counter() - t)
-    return out
-
-
-def gib(dev: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
-
-
-def elapsed() -> float:
-    return time.perf_counter() - T0
-
-
-class Runner:
-    """Runs and prints the cases; with ``--json`` it also rewrites a JSON record after every line (so a run killed
-    by a timeout keeps what it measured): {"meta", "cases": {name: {ms, min_ms, n, img_s, peak_gib, batch, tokens}},
-    "lines": [[name, text], …]} (every printed line, in order) — ``bench/gpu_report.py`` turns it into the docs
-    table against the issue's targets."""
-
-    def __init__(self, args, dev: torch.device, card: str, meta: dict | None = None):
-        self.args, self.dev, self.card, self.results = args, dev, card, {}
-        self.record = {"meta": {"card": card, **(meta or {})}, "cases": {}, "lines": [], "profiles": {}}
-        self.profile_rx = re.compile(args.profile) if getattr(args, "profile", None) else None
-
-    def save(self) -> None:
-        if getattr(self.args, "json", None):
-            self.record["meta"]["elapsed_s"] = round(elapsed(), 1)
-            tmp = Path(f"{self.args.json}.tmp")  # write + rename: a kill mid-write leaves the previous record whole
-            tmp.write_text(json.dumps(self.record, indent=1))
-            tmp.replace(self.args.json)
-
-    def say(self, name: str, text: str) -> None:
-        print(f"[gpu_ecm] {self.card} | {name:<22} | {text}", flush=True)
-        self.record["lines"].append([name, text])
-        self.save()
-
-    def _keep(self, name: str, med: float, ts: list[float] | None, batch: int, tokens, peak: float | None) -> None:
-        self.results[name] = med
-        self.record["cases"][name] = {"ms": med * 1e3, "min_ms": min(ts) * 1e3 if ts else None,
-                                      "n": len(ts) if ts else None, "img_s": batch / med, "batch": batch,
-                                      "tokens": tokens, "peak_gib": None if peak is None or peak != peak else peak}
-
-    def case(self, name: str, fn_factory, batch: int, tokens: int | str, warmup=None, iters=None,
-             need: float = 0.0) -> float | None:
-        """Build the step with ``fn_factory()`` (returns (step, cleanup)), time it, print one line. Returns s/step.
-        Skipped when fewer than ``need`` seconds of --time-budget are left."""
-        a = self.args
-        if elapsed() + need > a.time_budget:
-            self.say(name, f"SKIPPED ({elapsed():.0f} s elapsed, needs ~{need:.0f} s, time budget {a.time_budget:.0f} s)")
-            return None
-        gc.collect()
-        if self.dev.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.dev)
-        t_case = time.perf_counter()
-        cleanup = None
-        try:
-            step, cleanup = fn_factory()
-            ts = timed(step, a.warmup if warmup is None else warmup, a.iters if iters is None else iters, self.dev)
-            med, peak = statistics.median(ts), gib(self.dev)
-            self._keep(name, med, ts, batch, tokens, peak)
-            self.say(name, f"B {batch:>3} | tok {tokens!s:>5} | {med * 1e3:8.1f} ms/step (min {min(ts) * 1e3:.1f}, "
-                           f"n {len(ts)}) | {batch / med:8.1f} img/s | peak {peak:6.2f} GiB | "
-                           f"case wall {time.perf_counter() - t_case:5.1f} s")
-            if self.profile_rx is not None and self.profile_rx.fullmatch(name):
-                self.profile(name, step)
-        except Exception as e:  # noqa: BLE001 - report (OOM, compile failure) and go on with the next case
-            msg = str(e).splitlines()[0][:200] if str(e) else ""
-            self.say(name, f"FAILED {type(e).__name__}: {msg}")
-            return None
-        finally:
-            if cleanup is not None:
-                cleanup()
-            if self.dev.type == "cuda":
-                torch.cuda.empty_cache()
-        return med
-
-    def profile(self, name: str, step) -> None:
-        """--profile: two more steps under torch.profiler, summed by kind of kernel (``prof_<case>`` lines)."""
-        try:
-            p = kernel_profile(step, self.dev, steps=2)
-        except Exception as e:  # noqa: BLE001 - a diagnostic: report and go on
-            self.say(f"prof_{name}", f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-            return
-        self.record["profiles"][name] = p
-        head, tops = summary(p)
-        self.say(f"prof_{name}", head)
-        self.say(f"prof_{name}", tops)
-
-    def derived(self, name: str, times: dict[int, float | None], probs: dict[int, float], eds: list[int],
-                batch: int, peak_of: str) -> float | None:
-        """Expected step time Σ p_s t_s of early-centric training from the per-s lines."""
-        if any(times.get(s) is None for s in probs):
-            return None
-        mean_t = sum(p * times[s] for s, p in probs.items())
-        mean_tok = sum(p * eds[s] for s, p in probs.items())
-        self._keep(name, mean_t, None, batch, round(mean_tok), None)
-        self.say(name, f"B {batch:>3} | tok {mean_tok:>5.0f} | {mean_t * 1e3:8.1f} ms/step (= Σ p_s t_s, trunc_probs "
-                       f"{probs}) | {batch / mean_t:8.1f} img/s | peak = {peak_of}")
-        return mean_t
-
-
-def saved_for_backward(fn, blocks) -> tuple[dict[str, dict[tuple, int]], int]:
-    """Run ``fn()`` (a forward + loss) and account the tensors autograd saves for backward, by where they were
-    saved ("block i" while ``blocks[i]`` runs, else "other": embeddings, head, loss) and by (dtype, shape); each
-    storage is counted once. Parameters and their autocast copies are saved too (batch-independent)."""
-    where, seen = ["other"], set()
-    out: dict[str, dict[tuple, int]] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
-            d = out.setdefault(where[-1], {})
-            key = (str(t.dtype).replace("torch.", ""), tuple(t.shape))
-            d[key] = d.get(key, 0) + st.nbytes()
-        return t
-
-    def enter(i):
-        def pre_hook(module, args) -> None:
-            where.append(f"block {i}")
-        return pre_hook
-
-    def leave(module, args, output) -> None:  # returns None: the block's output is kept
-        where.pop()
-
-    hooks = []
-    for i, b in enumerate(blocks):
-        hooks += [b.register_forward_pre_hook(enter(i)), b.register_forward_hook(leave)]
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-    finally:
-        for h in hooks:
-            h.remove()
-    return out, sum(sum(d.values()) for d in out.values())
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", help="auto (cuda if available) | cuda | cpu")
     ap.add_argument("--batch", type=int, default=64)
@@ -274,81 +119,108 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.batch, args.big_batch, args.var, args.vqvae, args.control = 2, 0, "tiny", "tiny", "tiny"
         args.warmup, args.iters, args.sample_warmup, args.sample_iters = 0, 1, 0, 1
+    return args
 
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    cuda = dev.type == "cuda"
-    card = torch.cuda.get_device_name(dev) if cuda else "CPU"
-    backend = args.compile_backend or ("inductor" if cuda else "eager")
-    amp_dtype = torch.bfloat16
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    print(f"[gpu_ecm] command: {' '.join([sys.executable, *sys.argv])}", flush=True)
-    print(f"[gpu_ecm] torch {torch.__version__}, cuda {torch.version.cuda}, device {card}, "
-          f"{'bf16 autocast' if cuda else 'fp32'}, batch {args.batch}, VAR {args.var}, VQVAE {args.vqvae}, "
-          f"control {args.control}, warmup {args.warmup} + {args.iters} timed (sampling {args.sample_warmup} + "
-          f"{args.sample_iters}), compile backend {backend}, RANDOM weights", flush=True)
 
-    torch.manual_seed(args.seed)
-    with torch.device(dev):
-        var = VARM.build_var(args.var)
-        vq = VQM.build_vqvae(args.vqvae).eval().requires_grad_(False)
-        ctl = CTLM.ECMControlNet(var, **CTLM.CONTROL_PRESETS[args.control])
-    B, V, K = args.batch, var.V, len(var.patch_nums)
-    S = vq.image_size
-    eds = SCALESM.ends_for(var.patch_nums)
-    cond_drop = var.cond_drop_rate
-    n_var = sum(p.numel() for p in var.parameters())
-    n_ctl = sum(p.numel() for p in ctl.parameters())
-    print(f"[gpu_ecm] VAR params {n_var:,}, control params {n_ctl:,}, image {S} px, L {var.L}, scales {K}, "
-          f"build {elapsed():.1f} s", flush=True)
-    g = torch.Generator(device=dev).manual_seed(args.seed)
+class Cases:
+    """The networks, the random batch and the cases, in the order :meth:`run_all` runs them."""
 
-    def batch_data(b: int):
-        idx = [torch.randint(0, V, (b, pn * pn), device=dev, generator=g) for pn in var.patch_nums]
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        dev = self.dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                                      else args.device)
+        self.cuda = cuda = dev.type == "cuda"
+        card = torch.cuda.get_device_name(dev) if cuda else "CPU"
+        self.backend = args.compile_backend or ("inductor" if cuda else "eager")
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        print(f"[gpu_ecm] command: {' '.join([sys.executable, *sys.argv])}", flush=True)
+        print(f"[gpu_ecm] torch {torch.__version__}, cuda {torch.version.cuda}, device {card}, "
+              f"{'bf16 autocast' if cuda else 'fp32'}, batch {args.batch}, VAR {args.var}, VQVAE {args.vqvae}, "
+              f"control {args.control}, warmup {args.warmup} + {args.iters} timed (sampling {args.sample_warmup} + "
+              f"{args.sample_iters}), compile backend {self.backend}, RANDOM weights", flush=True)
+
+        torch.manual_seed(args.seed)
+        with torch.device(dev):
+            var = self.var = VARM.build_var(args.var)
+            self.vq = VQM.build_vqvae(args.vqvae).eval().requires_grad_(False)
+            self.ctl = CTLM.ECMControlNet(var, **CTLM.CONTROL_PRESETS[args.control])
+        self.B, self.V, self.K = args.batch, var.V, len(var.patch_nums)
+        self.S = self.vq.image_size
+        self.eds = SCALESM.ends_for(var.patch_nums)
+        self.cond_drop = var.cond_drop_rate
+        n_var = sum(p.numel() for p in var.parameters())
+        n_ctl = sum(p.numel() for p in self.ctl.parameters())
+        print(f"[gpu_ecm] VAR params {n_var:,}, control params {n_ctl:,}, image {self.S} px, L {var.L}, "
+              f"scales {self.K}, build {elapsed():.1f} s", flush=True)
+        self.g = torch.Generator(device=dev).manual_seed(args.seed)
+        self.idx, self.label, self.cond = self.batch_data(self.B)
+        self.run = Runner(args, dev, card, {"torch": torch.__version__, "cuda": torch.version.cuda, "batch": self.B,
+                                            "var": args.var, "vqvae": args.vqvae, "control": args.control,
+                                            "command": " ".join([sys.executable, *sys.argv])})
+        K = self.K
+        self.trunc = dict(SAMPM.DEFAULT_TRUNC_PROBS) if K == 10 else {K - 5: 0.2, K - 3: 0.6, K - 1: 0.2}
+        self.s_early = sorted(self.trunc)
+        self.s_mid = self.s_early[len(self.s_early) // 2]
+        self.n8 = K - 3  # "first 8 scales" of the 10-scale schedule
+        # graphc: CUDA graphs of the compiled step; staticc (CPU only, to exercise the compiled step without CUDA)
+        self.modes = ["eager", "static"] + (["graph"] if cuda else []) + (
+            (["graphc"] if cuda else ["staticc"]) if args.sampler_compile else [])
+
+    def batch_data(self, b: int):
+        var, dev, g = self.var, self.dev, self.g
+        idx = [torch.randint(0, self.V, (b, pn * pn), device=dev, generator=g) for pn in var.patch_nums]
         label = torch.randint(0, var.num_classes, (b,), device=dev, generator=g)
-        cond = torch.rand(b, 3, S, S, device=dev, generator=g) * 2 - 1
+        cond = torch.rand(b, 3, self.S, self.S, device=dev, generator=g) * 2 - 1
         return idx, label, cond
 
-    idx, label, cond = batch_data(B)
-    run = Runner(args, dev, card, {"torch": torch.__version__, "cuda": torch.version.cuda, "batch": B,
-                                   "var": args.var, "vqvae": args.vqvae, "control": args.control,
-                                   "command": " ".join([sys.executable, *sys.argv])})
-    # bf16 autocast on the GPU; plain fp32 on a CPU (CPU bf16 autocast is emulated and very slow: smoke runs only)
-    ac = lambda: torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=cuda)
-    trunc = dict(SAMPM.DEFAULT_TRUNC_PROBS) if K == 10 else {K - 5: 0.2, K - 3: 0.6, K - 1: 0.2}
-    s_early = sorted(trunc)
-    s_mid = s_early[len(s_early) // 2]
-    n8 = K - 3  # "first 8 scales" of the 10-scale schedule
+    def ac(self):
+        """bf16 autocast on the GPU; plain fp32 on a CPU (CPU bf16 autocast is emulated and very slow: smoke only)."""
+        return torch.autocast(device_type=self.dev.type, dtype=torch.bfloat16, enabled=self.cuda)
+
+    def run_all(self) -> None:
+        if not (self.args.quick or self.args.smoke):
+            self.encode()
+        self.train_block("", need=15)
+        # activation checkpointing (grad_checkpointing): peak memory vs the extra forward, base and ECM at 680 tokens
+        B, K, eds = self.B, self.K, self.eds
+        self.run.case(f"var_train_{eds[-1]}_gc", self.train_factory("var", None, ckpt=True), B, eds[-1], need=15)
+        self.run.case(f"ecm_train_s{K - 1}_gc", self.train_factory("ecm", K - 1, ckpt=True), B, eds[-1], need=15)
+        self.diag_saved()
+        self.sampling()
+        self.decode()
+        self.var.clear_sampling_graphs()
+        self.compiled()
+        self.run.say("done", f"{elapsed():.1f} s")
+        print(f"[gpu_ecm] done in {elapsed():.1f} s", flush=True)
 
     # ------------------------------------------------------------------ VQVAE encode
-    if not (args.quick or args.smoke):
-        img = torch.rand(B, 3, S, S, device=dev, generator=g) * 2 - 1
+    def encode(self) -> None:
+        img = torch.rand(self.B, 3, self.S, self.S, device=self.dev, generator=self.g) * 2 - 1
 
         def enc_factory():
             def step():
-                with ac():
-                    vq.img_to_idx(img)
+                with self.ac():
+                    self.vq.img_to_idx(img)
             return step, lambda: None
 
-        run.case("vqvae_encode", enc_factory, B, "-", need=10)
+        self.run.case("vqvae_encode", enc_factory, self.B, "-", need=10)
 
     # ------------------------------------------------------------------ training steps
-    def make_opt(params):
-        kw = {"fused": True} if cuda else {}
-        return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, **kw)
-
-    def train_factory(kind: str, s: int | None, loss_fn=None, ckpt: bool = False):
+    def train_factory(self, kind: str, s: int | None, loss_fn=None, ckpt: bool = False):
         """kind: ``var`` (base VAR), ``ecm`` (frozen VAR + control net, truncated at s), ``fullft`` (both trainable,
         VAR in train mode, class dropout once in the control net as in ECMModule). ``loss_fn(label, x, cond, target)``
         replaces the eager forward + CE (whole-step compile). ``ckpt``: activation checkpointing of the VAR blocks and
         the adapters (``grad_checkpointing``)."""
+        var, ctl, vq, V, idx = self.var, self.ctl, self.vq, self.V, self.idx
+
         def factory():
             var.grad_checkpointing = ctl.grad_checkpointing = ckpt
             if kind == "var":
                 var.requires_grad_(True).train()
-                var.cond_drop_rate = cond_drop
+                var.cond_drop_rate = self.cond_drop
                 modules = [var]
             else:
                 var.cond_drop_rate = 0.0
@@ -359,24 +231,24 @@ def main(argv: list[str] | None = None) -> int:
                 ctl.train()
                 modules = [ctl] if kind == "ecm" else [ctl, var]
             params = [p for m in modules for p in m.parameters() if p.requires_grad]
-            opt = make_opt(params)
-            n = K if s is None else s + 1
+            opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                                    **({"fused": True} if self.cuda else {}))
+            n = self.K if s is None else s + 1
             target = torch.cat(idx[:n], 1)
-            prog_si = None if s is None else s
 
             def forward_loss(lab, x, cnd, tgt):
                 if kind == "var":
-                    logits = var(lab, x, prog_si=prog_si)
+                    logits = var(lab, x, prog_si=s)
                 else:
-                    logits = ctl(var, lab, x, cond_img=cnd, prog_si=prog_si)
+                    logits = ctl(var, lab, x, cond_img=cnd, prog_si=s)
                 return F.cross_entropy(logits.view(-1, V), tgt.view(-1))
 
             fwd = loss_fn(forward_loss) if loss_fn is not None else forward_loss
 
             def step():
                 x = vq.idx_to_var_input(idx[:n])
-                with ac():
-                    loss = fwd(label, x, cond, target)
+                with self.ac():
+                    loss = fwd(self.label, x, self.cond, target)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 2.0)
                 opt.step()
@@ -390,185 +262,190 @@ def main(argv: list[str] | None = None) -> int:
             return step, cleanup
         return factory
 
-    def train_block(suffix: str, need: float, loss_fn=None, full: bool = False):
+    def train_block(self, suffix: str, need: float, loss_fn=None, full: bool = False) -> None:
         """The training cases of one compile style ('' eager, 'c' regional, 'cf' whole step)."""
+        run, B, eds, n8, s_mid, trunc, smoke = self.run, self.B, self.eds, self.n8, self.s_mid, self.trunc, \
+            self.args.smoke
+        tf = self.train_factory
         if full:  # whole-step compile: one graph per kind and length (long compiles), in the order of the targets
-            run.case(f"var_train_{eds[-1]}{suffix}", train_factory("var", None, loss_fn), B, eds[-1], need=need)
-            t = {s_mid: run.case(f"ecm_train_s{s_mid}{suffix}", train_factory("ecm", s_mid, loss_fn), B, eds[s_mid],
-                                 need=need)}
-            if not args.smoke:
-                run.case(f"var_train_{eds[n8]}{suffix}", train_factory("var", n8, loss_fn), B, eds[n8], need=need)
-                for s in s_early:
+            run.case(f"var_train_{eds[-1]}{suffix}", tf("var", None, loss_fn), B, eds[-1], need=need)
+            t = {s_mid: run.case(f"ecm_train_s{s_mid}{suffix}", tf("ecm", s_mid, loss_fn), B, eds[s_mid], need=need)}
+            if not smoke:
+                run.case(f"var_train_{eds[n8]}{suffix}", tf("var", n8, loss_fn), B, eds[n8], need=need)
+                for s in self.s_early:
                     if s != s_mid:
-                        t[s] = run.case(f"ecm_train_s{s}{suffix}", train_factory("ecm", s, loss_fn), B, eds[s],
-                                        need=need)
+                        t[s] = run.case(f"ecm_train_s{s}{suffix}", tf("ecm", s, loss_fn), B, eds[s], need=need)
                 run.derived(f"ecm_train_early{suffix}", t, trunc, eds, B, f"ecm_train_s{max(trunc)}{suffix}")
             return
-        run.case(f"var_train_{eds[-1]}{suffix}", train_factory("var", None), B, eds[-1], need=need)
-        if not args.smoke:
-            run.case(f"var_train_{eds[n8]}{suffix}", train_factory("var", n8), B, eds[n8], need=need)
-        ss = [s_mid] if args.smoke else s_early
-        t = {s: run.case(f"ecm_train_s{s}{suffix}", train_factory("ecm", s), B, eds[s], need=need) for s in ss}
-        early = run.derived(f"ecm_train_early{suffix}", t, trunc, eds, B, f"ecm_train_s{max(trunc)}{suffix}") \
-            if not args.smoke else None
-        tf = run.case(f"ecm_fullft_{eds[-1]}{suffix}", train_factory("fullft", None), B, eds[-1], need=need)
-        if early and tf:
+        run.case(f"var_train_{eds[-1]}{suffix}", tf("var", None), B, eds[-1], need=need)
+        if not smoke:
+            run.case(f"var_train_{eds[n8]}{suffix}", tf("var", n8), B, eds[n8], need=need)
+        ss = [s_mid] if smoke else self.s_early
+        t = {s: run.case(f"ecm_train_s{s}{suffix}", tf("ecm", s), B, eds[s], need=need) for s in ss}
+        early = None if smoke else run.derived(f"ecm_train_early{suffix}", t, trunc, eds, B,
+                                               f"ecm_train_s{max(trunc)}{suffix}")
+        t_ft = run.case(f"ecm_fullft_{eds[-1]}{suffix}", tf("fullft", None), B, eds[-1], need=need)
+        if early and t_ft:
             run.say(f"ecm_epoch_ratio{suffix}", f"ecm_train_early{suffix} / ecm_fullft_{eds[-1]}{suffix} = "
-                                                f"{early / tf:.3f} (target ≤ 0.45)")
-
-    train_block("", need=15)
-    # activation checkpointing (grad_checkpointing): peak memory vs the extra forward, base and ECM at 680 tokens
-    run.case(f"var_train_{eds[-1]}_gc", train_factory("var", None, ckpt=True), B, eds[-1], need=15)
-    run.case(f"ecm_train_s{K - 1}_gc", train_factory("ecm", K - 1, ckpt=True), B, eds[-1], need=15)
+                                                f"{early / t_ft:.3f} (target ≤ 0.45)")
 
     # ------------------------------------------------------------------ where the activation memory goes
-    # base VAR train step at batch B and all tokens: bytes saved for backward per block (dtype, shape) and outside
-    # the blocks (embeddings, head, CE): the per-block mix shows fp32 copies or a materialised (B,H,L,L) attention
-    try:
-        var.requires_grad_(True).train()
-        x_all = vq.idx_to_var_input(idx)
-        tgt_all = torch.cat(idx, 1)
+    def diag_saved(self) -> None:
+        """Base VAR train step at batch B and all tokens: bytes saved for backward per block (dtype, shape) and
+        outside the blocks (embeddings, head, CE): the per-block mix shows fp32 copies or a materialised (B,H,L,L)
+        attention."""
+        var, run = self.var, self.run
+        try:
+            var.requires_grad_(True).train()
+            x_all = self.vq.idx_to_var_input(self.idx)
+            tgt_all = torch.cat(self.idx, 1)
 
-        def fwd_loss():
-            with ac():
-                return F.cross_entropy(var(label, x_all).view(-1, V), tgt_all.view(-1))
-        by_where, total = saved_for_backward(fwd_loss, list(var.blocks))
-        blk = by_where.get("block 0", {})
-        top = sorted(blk.items(), key=lambda kv: -kv[1])[:6]
-        run.say("diag_saved", f"B {B} tok {eds[-1]}: saved for backward {total / 2**30:.2f} GiB in all; block 0 "
-                              f"{sum(blk.values()) / 2**30:.3f} GiB × {len(var.blocks)} blocks; outside blocks "
-                              f"{sum(by_where.get('other', {}).values()) / 2**30:.3f} GiB")
-        run.say("diag_saved", "block 0 by (dtype, shape): " + "; ".join(
-            f"{dt} {list(sh)} {n / 2**20:.0f} MiB" for (dt, sh), n in top))
-    except Exception as e:  # noqa: BLE001 - a diagnostic: report and go on
-        run.say("diag_saved", f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    finally:
-        var.zero_grad(set_to_none=True)
-        gc.collect()
+            def fwd_loss():
+                with self.ac():
+                    return F.cross_entropy(var(self.label, x_all).view(-1, self.V), tgt_all.view(-1))
+            by_where, total = saved_for_backward(fwd_loss, list(var.blocks))
+            blk = by_where.get("block 0", {})
+            top = sorted(blk.items(), key=lambda kv: -kv[1])[:6]
+            run.say("diag_saved", f"B {self.B} tok {self.eds[-1]}: saved for backward {total / 2**30:.2f} GiB in all; "
+                                  f"block 0 {sum(blk.values()) / 2**30:.3f} GiB × {len(var.blocks)} blocks; outside "
+                                  f"blocks {sum(by_where.get('other', {}).values()) / 2**30:.3f} GiB")
+            run.say("diag_saved", "block 0 by (dtype, shape): " + "; ".join(
+                f"{dt} {list(sh)} {n / 2**20:.0f} MiB" for (dt, sh), n in top))
+        except Exception as e:  # noqa: BLE001 - a diagnostic: report and go on
+            run.say("diag_saved", f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        finally:
+            var.zero_grad(set_to_none=True)
+            gc.collect()
 
     # ------------------------------------------------------------------ sampling
-    temps = SAMPM.temperature_schedule(K, "step", 1.0, 0.8, K - 2)
-    CTLM.freeze_backbone(var)
-    var.cond_drop_rate = cond_drop
-    ctl.eval()
-    top_k = min(900, V)
-    skw = {"cfg": 1.5, "top_k": top_k, "top_p": 0.96}
-    # graphc: CUDA graphs of the compiled step; staticc (CPU only, to exercise the compiled step without CUDA)
-    modes = ["eager", "static"] + (["graph"] if cuda else []) + (
-        (["graphc"] if cuda else ["staticc"]) if args.sampler_compile else [])
-    scomp = {"backend": backend}
-
-    def sample_kw(control: bool, mode: str) -> dict:
+    def sample_kw(self, control: bool, mode: str) -> dict:
         compiled = mode in ("graphc", "staticc")
-        kw = dict(skw, sampler=mode[:-1] if compiled else mode)
+        kw = {"cfg": 1.5, "top_k": min(900, self.V), "top_p": 0.96, "sampler": mode[:-1] if compiled else mode}
         if compiled:
-            kw["sampler_compile"] = scomp
+            kw["sampler_compile"] = {"backend": self.backend}
         if control:
-            kw["temperature_schedule"] = temps
+            kw["temperature_schedule"] = SAMPM.temperature_schedule(self.K, "step", 1.0, 0.8, self.K - 2)
         return kw
 
-    def sample_factory(b: int, control: bool, mode: str, lab, cnd, cfg_control: str = "both"):
+    def sample_factory(self, b: int, control: bool, mode: str, lab, cnd, cfg_control: str = "both"):
+        var, vq, ctl = self.var, self.vq, self.ctl
+
         def factory():
             def step():
-                with ac():
+                with self.ac():
                     if control:
                         ctl.sample(var, vq, b, lab, cond_img=cnd, g_seed=0, cfg_control=cfg_control,
-                                   **sample_kw(control, mode))
+                                   **self.sample_kw(control, mode))
                     else:
-                        var.autoregressive_infer_cfg(b, lab, vqvae=vq, g_seed=0, **sample_kw(control, mode))
+                        var.autoregressive_infer_cfg(b, lab, vqvae=vq, g_seed=0, **self.sample_kw(control, mode))
             if mode.startswith("graph"):
                 step()  # capture (and compile) outside the timed runs
             return step, lambda: None
         return factory
 
-    def tokens(b: int, control: bool, mode: str, lab, cnd) -> tuple[list[torch.Tensor], bytes]:
+    def tokens(self, b: int, control: bool, mode: str, lab, cnd) -> tuple[list[torch.Tensor], bytes]:
         """Tokens of one run with seed 0, and the generator state after it."""
-        rng = torch.Generator(device=dev).manual_seed(0)
-        with ac(), torch.no_grad():
-            hook = ctl.sampling_hook(b, cond_img=cnd) if control else None
-            kw = sample_kw(control, mode)
+        var = self.var
+        rng = torch.Generator(device=self.dev).manual_seed(0)
+        with self.ac(), torch.no_grad():
+            hook = self.ctl.sampling_hook(b, cond_img=cnd) if control else None
+            kw = self.sample_kw(control, mode)
             if mode == "eager":
-                _, ids, _ = var.autoregressive_infer_cfg(b, lab, vqvae=vq, generator=rng, hook=hook,
+                _, ids, _ = var.autoregressive_infer_cfg(b, lab, vqvae=self.vq, generator=rng, hook=hook,
                                                          return_logits=True, decode=False, **kw)
             else:
-                tk = SAMPM.resolve_temperatures(kw.get("temperature_schedule"), K)
-                smp = var.static_sampler(b, vq, cfg=kw["cfg"], top_k=kw["top_k"], top_p=kw["top_p"], temperatures=tk,
-                                         hook=hook, sampler=kw["sampler"], compile_kw=kw.get("sampler_compile"))
+                tk = SAMPM.resolve_temperatures(kw.get("temperature_schedule"), self.K)
+                smp = var.static_sampler(b, self.vq, cfg=kw["cfg"], top_k=kw["top_k"], top_p=kw["top_p"],
+                                         temperatures=tk, hook=hook, sampler=kw["sampler"],
+                                         compile_kw=kw.get("sampler_compile"))
                 _, ids, _ = smp(lab, rng, hook)
         return ids, bytes(rng.get_state().numpy())
 
-    for b in [B] + ([args.big_batch] if args.big_batch else []):
-        _, lab, cnd = batch_data(b)
-        for control in (False, True):
-            kind = "ecm" if control else "base"
-            t = {}
+    def sample_check(self, b: int, control: bool, lab, cnd, t: dict) -> None:
+        """``sample_check_*``: tokens of every faster sampler against the eager ones, same seed."""
+        kind = "ecm" if control else "base"
+        try:
+            ref, st_ref = self.tokens(b, control, "eager", lab, cnd)
+            parts = []
+            for mode in self.modes[1:]:
+                if not t.get(mode):
+                    continue
+                ids, st = self.tokens(b, control, mode, lab, cnd)
+                same = sum(int((p == q).sum()) for p, q in zip(ref, ids))
+                tot = sum(p.numel() for p in ref)
+                first = next((si for si, (p, q) in enumerate(zip(ref, ids)) if not torch.equal(p, q)), None)
+                parts.append(f"eager=={mode} {same}/{tot}" + ("" if first is None else f" (first diff scale "
+                             f"{first})") + f", generator state {'equal' if st == st_ref else 'DIFFERS'}")
+            self.run.say(f"sample_check_{kind}_b{b}", "; ".join(parts))
+        except Exception as e:  # noqa: BLE001
+            self.run.say(f"sample_check_{kind}_b{b}", f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+    def sampling(self) -> None:
+        run, args, modes = self.run, self.args, self.modes
+        CTLM.freeze_backbone(self.var)
+        self.var.cond_drop_rate = self.cond_drop
+        self.ctl.eval()
+        for b in [self.B] + ([args.big_batch] if args.big_batch else []):
+            _, lab, cnd = self.batch_data(b)
+            for control in (False, True):
+                kind = "ecm" if control else "base"
+                t = {}
+                for mode in modes:
+                    need = 40 if mode in ("graphc", "staticc") else 15
+                    t[mode] = run.case(f"sample_{kind}_b{b}_{mode}", self.sample_factory(b, control, mode, lab, cnd),
+                                       b, self.var.L, warmup=args.sample_warmup, iters=args.sample_iters, need=need)
+                if t.get("eager"):
+                    run.say(f"sample_speedup_{kind}_b{b}", ", ".join(
+                        f"{m} {t['eager'] / t[m]:.2f}×" for m in modes[1:] if t.get(m)) + " vs eager")
+                if b == self.B and elapsed() + 20 < args.time_budget:
+                    self.sample_check(b, control, lab, cnd, t)
             for mode in modes:
-                need = 40 if mode in ("graphc", "staticc") else 15
-                t[mode] = run.case(f"sample_{kind}_b{b}_{mode}", sample_factory(b, control, mode, lab, cnd), b, var.L,
-                                   warmup=args.sample_warmup, iters=args.sample_iters, need=need)
-            if t.get("eager"):
-                run.say(f"sample_speedup_{kind}_b{b}", ", ".join(
-                    f"{m} {t['eager'] / t[m]:.2f}×" for m in modes[1:] if t.get(m)) + " vs eager")
-            if b == B and elapsed() + 20 < args.time_budget:
-                try:
-                    ref, st_ref = tokens(b, control, "eager", lab, cnd)
-                    parts = []
-                    for mode in modes[1:]:
-                        if mode != "eager" and not t.get(mode):
-                            continue
-                        ids, st = tokens(b, control, mode, lab, cnd)
-                        same = sum(int((p == q).sum()) for p, q in zip(ref, ids))
-                        tot = sum(p.numel() for p in ref)
-                        first = next((si for si, (p, q) in enumerate(zip(ref, ids)) if not torch.equal(p, q)), None)
-                        parts.append(f"eager=={mode} {same}/{tot}" + ("" if first is None else f" (first diff scale "
-                                     f"{first})") + f", generator state {'equal' if st == st_ref else 'DIFFERS'}")
-                    run.say(f"sample_check_{kind}_b{b}", "; ".join(parts))
-                except Exception as e:  # noqa: BLE001
-                    run.say(f"sample_check_{kind}_b{b}", f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        for mode in modes:
-            tb, te = run.results.get(f"sample_base_b{b}_{mode}"), run.results.get(f"sample_ecm_b{b}_{mode}")
-            if tb and te:
-                run.say(f"sample_ratio_b{b}_{mode}", f"ECM / base time = {te / tb:.3f} (target ≤ 1.15)")
+                tb, te = run.results.get(f"sample_base_b{b}_{mode}"), run.results.get(f"sample_ecm_b{b}_{mode}")
+                if tb and te:
+                    run.say(f"sample_ratio_b{b}_{mode}", f"ECM / base time = {te / tb:.3f} (target ≤ 1.15)")
 
     # ------------------------------------------------------------------ decode: the eager last step of every sampler
-    # fhat_to_img alone at batch B, as the samplers run it (autocast), then channels-last and channels-last +
-    # compiled decoders (fastpath.fast_decoder); decode_check = max |image − eager image| on the [−1, 1] scale.
-    # The fastest variant then decodes in sample_*_fd (the fastest sampler mode + that decoder).
-    f_dec = vq.idx_to_fhat(idx)
+    def decode(self) -> None:
+        """fhat_to_img alone at batch B, as the samplers run it (autocast), then channels-last and channels-last +
+        compiled decoders (fastpath.fast_decoder); decode_check = max |image − eager image| on the [−1, 1] scale.
+        The fastest variant then decodes in sample_*_fd (the fastest sampler mode + that decoder)."""
+        run, vq, B, args = self.run, self.vq, self.B, self.args
+        f_dec = vq.idx_to_fhat(self.idx)
 
-    def decode():
-        with ac(), torch.no_grad():
-            return vq.fhat_to_img(f_dec)
+        def decode():
+            with self.ac(), torch.no_grad():
+                return vq.fhat_to_img(f_dec)
 
-    img_ref = decode().float()
-    dec_kw = {"": None, "_cl": {"channels_last": True},
-              "_clc": {"channels_last": True, "compile_kw": {"backend": backend}}}
-    t_dec = {}
-    for suffix, kw in dec_kw.items():
-        def dec_factory(kw=kw, suffix=suffix):
-            if kw is not None:
-                FASTM.fast_decoder(vq, **kw)
-                diff = (decode().float() - img_ref).abs().max().item()
-                run.say(f"decode_check{suffix}", f"max |image − eager image| = {diff:.2e} (images in [−1, 1])")
-            return decode, lambda: FASTM.plain_decoder(vq)
-        t_dec[suffix] = run.case(f"decode_b{B}{suffix}", dec_factory, B, "-", warmup=args.sample_warmup,
-                                 iters=args.sample_iters, need=90 if kw and "compile_kw" in kw else 10)
-    t_dec = {k: v for k, v in t_dec.items() if v}
-    best_mode = min((m for m in modes if run.results.get(f"sample_base_b{B}_{m}")),
-                    key=lambda m: run.results[f"sample_base_b{B}_{m}"], default=None)
-    if t_dec and best_mode:
+        img_ref = decode().float()
+        dec_kw = {"": None, "_cl": {"channels_last": True},
+                  "_clc": {"channels_last": True, "compile_kw": {"backend": self.backend}}}
+        t_dec = {}
+        for suffix, kw in dec_kw.items():
+            def dec_factory(kw=kw, suffix=suffix):
+                if kw is not None:
+                    FASTM.fast_decoder(vq, **kw)
+                    diff = (decode().float() - img_ref).abs().max().item()
+                    run.say(f"decode_check{suffix}", f"max |image − eager image| = {diff:.2e} (images in [−1, 1])")
+                return decode, lambda: FASTM.plain_decoder(vq)
+            t_dec[suffix] = run.case(f"decode_b{B}{suffix}", dec_factory, B, "-", warmup=args.sample_warmup,
+                                     iters=args.sample_iters, need=90 if kw and "compile_kw" in kw else 10)
+        t_dec = {k: v for k, v in t_dec.items() if v}
+        best_mode = min((m for m in self.modes if run.results.get(f"sample_base_b{B}_{m}")),
+                        key=lambda m: run.results[f"sample_base_b{B}_{m}"], default=None)
+        if not (t_dec and best_mode):
+            return
         best_dec = min(t_dec, key=t_dec.get)
         run.say("decode_best", f"decode{best_dec or ' (eager NCHW)'}: {t_dec[best_dec] * 1e3:.1f} ms; sampler "
                                f"{best_mode}; sample_*_fd = that sampler + that decoder")
-        _, lab, cnd = batch_data(B)
+        _, lab, cnd = self.batch_data(B)
         for kind, control, cfg_control in (("base", False, "both"), ("ecm", True, "both"),
                                            ("ecm_condonly", True, "cond_only")):
-            def fd_factory(control=control, cfg_control=cfg_control, lab=lab, cnd=cnd):
+            def fd_factory(control=control, cfg_control=cfg_control):
                 if dec_kw[best_dec] is not None:
                     FASTM.fast_decoder(vq, **dec_kw[best_dec])
-                step, _ = sample_factory(B, control, best_mode, lab, cnd, cfg_control)()
+                step, _ = self.sample_factory(B, control, best_mode, lab, cnd, cfg_control)()
                 return step, lambda: FASTM.plain_decoder(vq)
-            run.case(f"sample_{kind}_b{B}_fd", fd_factory, B, var.L, warmup=args.sample_warmup,
+            run.case(f"sample_{kind}_b{B}_fd", fd_factory, B, self.var.L, warmup=args.sample_warmup,
                      iters=args.sample_iters, need=15)
         tb = run.results.get(f"sample_base_b{B}_fd")
         te, tc = run.results.get(f"sample_ecm_b{B}_fd"), run.results.get(f"sample_ecm_condonly_b{B}_fd")
@@ -576,26 +453,29 @@ def main(argv: list[str] | None = None) -> int:
             run.say(f"sample_ratio_b{B}_fd", f"ECM / base time = {te / tb:.3f} (target ≤ 1.15)"
                     + (f", with cfg_control cond_only {tc / tb:.3f}" if tc else "")
                     + f"; base {B / tb:.1f} img/s vs target ≥ 290 (2 × the official 145)")
-    var.clear_sampling_graphs()
 
     # ------------------------------------------------------------------ compiled training
-    blocks = [*var.blocks, *ctl.adapters, *ctl.cond_encoder.blocks]
-    if not args.no_compile:
-        t = time.perf_counter()
-        FASTM.compile_blocks(var, backend=backend, dynamic=False)
-        CTLM.compile_control(ctl, backend=backend, dynamic=False)
-        train_block("c", need=60)
-        FASTM.uncompile(blocks)
-        run.say("compile", f"regional cases incl. compilation took {time.perf_counter() - t:.0f} s")
-    if args.compile_full:
-        torch._dynamo.reset()
-        FASTM.raise_recompile_limit(64)
-        t = time.perf_counter()
-        train_block("cf", need=150, full=True,
-                    loss_fn=lambda f: torch.compile(f, backend=backend, dynamic=False))
-        run.say("compile", f"whole-step cases incl. compilation took {time.perf_counter() - t:.0f} s")
-    run.say("done", f"{elapsed():.1f} s")
-    print(f"[gpu_ecm] done in {elapsed():.1f} s", flush=True)
+    def compiled(self) -> None:
+        var, ctl, backend = self.var, self.ctl, self.backend
+        if not self.args.no_compile:
+            blocks = [*var.blocks, *ctl.adapters, *ctl.cond_encoder.blocks]
+            t = time.perf_counter()
+            FASTM.compile_blocks(var, backend=backend, dynamic=False)
+            CTLM.compile_control(ctl, backend=backend, dynamic=False)
+            self.train_block("c", need=60)
+            FASTM.uncompile(blocks)
+            self.run.say("compile", f"regional cases incl. compilation took {time.perf_counter() - t:.0f} s")
+        if self.args.compile_full:
+            torch._dynamo.reset()
+            FASTM.raise_recompile_limit(64)
+            t = time.perf_counter()
+            self.train_block("cf", need=150, full=True,
+                             loss_fn=lambda f: torch.compile(f, backend=backend, dynamic=False))
+            self.run.say("compile", f"whole-step cases incl. compilation took {time.perf_counter() - t:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    Cases(parse_args(argv)).run_all()
     return 0
 
 

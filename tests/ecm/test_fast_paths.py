@@ -431,7 +431,7 @@ def _bench_module(name: str):
 
 def test_saved_for_backward_accounts_per_block():
     """The bench's activation diagnostic: bytes autograd saves, attributed to the running block, storages once."""
-    bench = _bench_module("gpu_ecm")
+    bench = _bench_module("gpu_runner")
     lin, act = nn.Linear(4, 3, bias=False), nn.ReLU()
     x = torch.randn(5, 4, requires_grad=True)  # so Linear also saves its weight (for the input's gradient)
     out, total = bench.saved_for_backward(lambda: act(lin(x)).sum() * 2.0, [lin, act])
