@@ -17,9 +17,9 @@ import sys
 OFFICIAL = {"train_all": 387.0, "train_8": 1087.0, "sample": 145.0}
 
 
-def best(cases: dict, pattern: str) -> tuple[str, dict] | None:
-    """The fastest case whose name matches ``pattern`` (full match)."""
-    hits = [(n, c) for n, c in cases.items() if re.fullmatch(pattern, n)]
+def best(cases: dict, pattern: str, keep=lambda name: True) -> tuple[str, dict] | None:
+    """The fastest case whose name matches ``pattern`` (full match) and that ``keep`` accepts."""
+    hits = [(n, c) for n, c in cases.items() if re.fullmatch(pattern, n) and keep(n)]
     return max(hits, key=lambda nc: nc[1]["img_s"]) if hits else None
 
 
@@ -30,6 +30,16 @@ def ratio_rows(cases: dict, num: str, den: str, suffixes: list[str]) -> list[tup
         if a and b:
             out.append((f"{num.format(s)} / {den.format(s)}", a["ms"] / b["ms"]))
     return out
+
+
+def sampler_verified(checks: dict, batch) -> callable:
+    """``keep`` for the sampling target: eager (the reference), the ``_fd`` cases (built by gpu_ecm.py from checked
+    modes and decoders only) and the modes whose ``sample_check_{base,ecm}_b{batch}_{mode}`` both passed."""
+    def keep(name: str) -> bool:
+        mode = name.rsplit("_", 1)[-1]
+        return mode in ("eager", "fd") or all(checks.get(f"sample_check_{k}_b{batch}_{mode}", {}).get("ok") is True
+                                              for k in ("base", "ecm"))
+    return keep
 
 
 def profile_table(profiles: dict) -> list[str]:
@@ -54,7 +64,7 @@ def profile_table(profiles: dict) -> list[str]:
 
 
 def report(rec: dict) -> str:
-    meta, cases = rec["meta"], rec["cases"]
+    meta, cases, checks = rec["meta"], rec["cases"], rec.get("checks", {})
     lines = [f"**Card**: {meta.get('card')}, torch {meta.get('torch')}, CUDA {meta.get('cuda')}; VAR {meta.get('var')}, "
              f"VQVAE {meta.get('vqvae')}, control {meta.get('control')}, batch {meta.get('batch')}; "
              f"{meta.get('elapsed_s')} s. **Command**: `{meta.get('command')}`", ""]
@@ -78,7 +88,7 @@ def report(rec: dict) -> str:
                             "≥"))
     targets.append(("ECM training, early-centric (Σ p_s t_s)", 1000.0, best(cases, r"ecm_train_early(c|cf)?"), "≥"))
     targets.append((f"CFG sampling incl. decode ≥ 2× official ({OFFICIAL['sample']:.0f})", 2 * OFFICIAL["sample"],
-                    best(cases, rf"sample_base_b{B}_\w+"), "≥"))
+                    best(cases, rf"sample_base_b{B}_\w+", sampler_verified(checks, B)), "≥"))
     lines += ["", "| target | needed | best case | measured | met? |", "|---|---|---|---|---|"]
     for label, need, hit, _ in targets:
         if hit is None:
@@ -96,8 +106,14 @@ def report(rec: dict) -> str:
         for name, value in ratio_rows(cases, "ecm_train_early{}", "ecm_fullft" + tail + "{}", ["", "c"]):
             lines.append(f"| ECM epoch ≤ 0.45× full fine-tune | ≤ 0.45 | {name} | {value:.3f}× | "
                          f"{'**yes**' if value <= 0.45 else 'no'} |")
+    lines.append("")
+    lines.append("The sampling target counts only samplers whose tokens matched the eager sampler's (checks below).")
+    if checks:
+        verdict = {True: "ok", False: "**FAILED**", None: "not checked"}
+        lines += ["", "| check | result | detail |", "|---|---|---|"]
+        lines += [f"| `{n}` | {verdict[c['ok']]} | {c['text'].replace('|', chr(92) + '|')} |" for n, c in checks.items()]
     lines += profile_table(rec.get("profiles", {}))
-    notes = [(k, v) for k, v in rec.get("lines", []) if k not in cases and not k.startswith("prof_")]
+    notes = [(k, v) for k, v in rec.get("lines", []) if k not in cases and k not in checks and not k.startswith("prof_")]
     if notes:
         lines += ["", "Other lines:", ""] + [f"- `{k}`: {v}" for k, v in notes]
     return "\n".join(lines) + "\n"

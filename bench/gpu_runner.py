@@ -2,7 +2,8 @@
 
 :class:`Runner` times one case per call (``case``: warm-up, timed steps, median, peak memory), prints one line, keeps
 going after a failed case and, with ``--json``, rewrites the record after every line so that a killed run keeps what
-it measured. :func:`saved_for_backward` accounts the bytes autograd keeps for the backward, per block.
+it measured. ``check`` records a correctness check (``ok`` / ``CHECK FAILED`` / ``not checked``); failed cases and
+failed checks are listed in ``failures`` (the script's exit status). :func:`saved_for_backward` accounts the bytes autograd keeps for the backward, per block.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class Runner:
 
     def __init__(self, args, dev: torch.device, card: str, meta: dict | None = None):
         self.args, self.dev, self.card, self.results = args, dev, card, {}
-        self.record = {"meta": {"card": card, **(meta or {})}, "cases": {}, "lines": [], "profiles": {}}
+        self.record = {"meta": {"card": card, **(meta or {})}, "cases": {}, "lines": [], "profiles": {}, "checks": {}}
+        self.failures: list[str] = []  # FAILED cases and failed checks: the script's exit status
         self.profile_rx = re.compile(args.profile) if getattr(args, "profile", None) else None
 
     def save(self) -> None:
@@ -66,6 +68,18 @@ class Runner:
             tmp = Path(f"{self.args.json}.tmp")  # write + rename: a kill mid-write leaves the previous record whole
             tmp.write_text(json.dumps(self.record, indent=1))
             tmp.replace(self.args.json)
+
+    def check(self, name: str, ok: bool | None, text: str) -> bool | None:
+        """A correctness check of the run (tokens, images): prints ``ok: …``, ``CHECK FAILED: …`` or, with ``ok``
+        None, ``not checked: …``; kept under "checks" in the JSON record. A failed check fails the run (exit 1)."""
+        self.record["checks"][name] = {"ok": ok, "text": text}
+        if ok is False:
+            self.failures.append(name)
+        self.say(name, f"{'ok' if ok else 'not checked' if ok is None else 'CHECK FAILED'}: {text}")
+        return ok
+
+    def passed(self, name: str) -> bool:
+        return bool(self.record["checks"].get(name, {}).get("ok"))
 
     def say(self, name: str, text: str) -> None:
         print(f"[gpu_ecm] {self.card} | {name:<22} | {text}", flush=True)
@@ -104,6 +118,7 @@ class Runner:
                 self.profile(name, step)
         except Exception as e:  # noqa: BLE001 - report (OOM, compile failure) and go on with the next case
             msg = str(e).splitlines()[0][:200] if str(e) else ""
+            self.failures.append(name)
             self.say(name, f"FAILED {type(e).__name__}: {msg}")
             return None
         finally:

@@ -347,12 +347,13 @@ def test_gpu_bench_cpu_smoke(tmp_path):
     for case in ("var_train_130 ", "ecm_train_s3 ", "ecm_fullft_130 ", "sample_base_b2_static", "sample_ecm_b2_eager",
                  "var_train_130c ", "ecm_train_s3c ", "ecm_fullft_130c ", "var_train_130cf ", "ecm_train_s3cf "):
         assert case in out, case
-    assert out.count("eager==static 260/260, generator state equal") == 2, out[-3000:]
+    assert out.count("| ok: eager==static 260/260, generator state equal") == 2, out[-3000:]
+    assert "CHECK FAILED" not in out and "no case or check failed" in out
     assert "diag_saved             | B 2 tok 130: saved for backward" in out and "block 0 by (dtype, shape)" in out
     for case in ("var_train_130_gc ", "ecm_train_s5_gc ", "decode_b2 ", "decode_b2_cl ", "decode_b2_clc ",
                  "sample_base_b2_fd ", "sample_ecm_b2_fd ", "sample_ecm_condonly_b2_fd "):
         assert case in out, case
-    diffs = [float(x) for x in re.findall(r"decode_check\S* +\| max \|image − eager image\| = (\S+)", out)]
+    diffs = [float(x) for x in re.findall(r"decode_check\S* +\| ok: max \|image − eager image\| = (\S+),", out)]
     assert len(diffs) == 2 and max(diffs) < 1e-4, out[-3000:]  # same maths in fp32: rounding only
     assert "done in" in out
     # --profile (bare, as gpu_run.sh passes it): the default pattern's cases get a split by kind of op
@@ -366,7 +367,6 @@ def test_gpu_bench_cpu_smoke(tmp_path):
     rec = json.loads(rec_path.read_text())
     prof = rec["profiles"]
     assert {"var_train_130", "ecm_train_s3c", "decode_b2"} <= set(prof), sorted(prof)
-    assert all(abs(sum(p["by_category"].values()) - p["busy_ms"]) < 1e-6 * max(1.0, p["busy_ms"]) for p in prof.values())
     assert max(prof["decode_b2"]["by_category"], key=prof["decode_b2"]["by_category"].get) == "conv"
     printed = set(re.findall(r"\| (\S+) +\| B +\d+ \| tok", out))
     assert printed and printed == set(rec["cases"]), (printed ^ set(rec["cases"]))
@@ -406,14 +406,14 @@ def test_kernel_profile_categories(kernel, kind):
 
 def test_kernel_profile_splits_op_time():
     """On a CPU the profile sums the self time of ATen ops: a step that is one large matmul and a ReLU is mostly
-    GEMM, and the kinds add up to the busy time."""
+    GEMM, and the busy time fits in the wall time."""
     kp = _bench_module("kernel_profile")
     a = torch.randn(384, 384)
     p = kp.kernel_profile(lambda: (a @ a).relu_(), torch.device("cpu"), steps=3)
     assert p["device"] is False and p["top"][0][2] == "gemm"
     assert p["by_category"]["gemm"] > 0.5 * p["busy_ms"] and set(p["by_category"]) <= {"gemm", "elementwise", "other",
                                                                                            "copy/cast"}
-    assert abs(sum(p["by_category"].values()) - p["busy_ms"]) < 1e-9 and 0 < p["busy_frac"] <= 1.05
+    assert 0 < p["busy_frac"] <= 1.05
     head, tops = kp.summary(p)
     assert "op busy" in head and "gemm" in head and tops.startswith("top: aten::")
     empty = {"device": True, "wall_ms": 5.0, "busy_ms": 0.0, "busy_frac": 0.0, "by_category": {}, "top": []}
@@ -427,6 +427,51 @@ def _bench_module(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def test_bench_failed_checks_and_cases_fail_the_run(tmp_path):
+    """The GPU bench's Runner: a failed check or a case that raises is listed in ``failures`` (gpu_ecm.py exits 1);
+    a check that could not run is "not checked", not a failure; every verdict lands in the JSON record."""
+    import argparse
+
+    runner = _bench_module("gpu_runner")
+    args = argparse.Namespace(json=str(tmp_path / "r.json"), profile=None, time_budget=100.0, warmup=0, iters=1)
+    run = runner.Runner(args, torch.device("cpu"), "CPU")
+    assert run.check("a", True, "same") and run.failures == []
+    run.check("b", None, "time budget")
+    assert run.failures == [] and not run.passed("b")
+    run.check("c", False, "eager==graph 9/10")
+    assert run.case("boom", lambda: (_ for _ in ()).throw(RuntimeError("out of memory")), 1, 1) is None
+    assert run.failures == ["c", "boom"] and run.passed("a") and not run.passed("c")
+    rec = json.loads((tmp_path / "r.json").read_text())
+    assert {n: c["ok"] for n, c in rec["checks"].items()} == {"a": True, "b": None, "c": False}
+    assert [text.split(":")[0] for _, text in rec["lines"]] == ["ok", "not checked", "CHECK FAILED", "FAILED RuntimeError"]
+
+
+def test_gpu_report_counts_only_checked_samplers():
+    """gpu_report: the sampling target takes the fastest sampler whose tokens matched eager's for base and ECM; a
+    faster sampler with a failed (or missing) check is listed, not counted."""
+    report = _bench_module("gpu_report")
+
+    def case(img_s):
+        return {"ms": 64e3 / img_s, "min_ms": None, "n": 3, "img_s": img_s, "batch": 64, "tokens": 680,
+                "peak_gib": 1.0}
+    rec = {"meta": {"card": "NVIDIA H200", "batch": 64, "var": "d16"},
+           "cases": {"sample_base_b64_eager": case(150.0), "sample_base_b64_graph": case(320.0),
+                     "sample_base_b64_static": case(200.0)},
+           "checks": {"sample_check_base_b64_graph": {"ok": True, "text": "eager==graph 10/10"},
+                      "sample_check_ecm_b64_graph": {"ok": False, "text": "eager==graph 9/10 | x"},
+                      "sample_check_base_b64_static": {"ok": True, "text": "eager==static 10/10"},
+                      "sample_check_ecm_b64_static": {"ok": True, "text": "eager==static 10/10"}}}
+    row = next(ln for ln in report.report(rec).splitlines() if ln.startswith("| CFG sampling"))
+    assert "`sample_base_b64_static` | 200.0 img/s | no |" in row, row
+    assert "| `sample_check_ecm_b64_graph` | **FAILED** | eager==graph 9/10 \\| x |" in report.report(rec)
+    rec["checks"]["sample_check_ecm_b64_graph"]["ok"] = True
+    row = next(ln for ln in report.report(rec).splitlines() if ln.startswith("| CFG sampling"))
+    assert "`sample_base_b64_graph` | 320.0 img/s | **yes** |" in row, row
+    del rec["checks"]
+    row = next(ln for ln in report.report(rec).splitlines() if ln.startswith("| CFG sampling"))
+    assert "`sample_base_b64_eager` | 150.0 img/s | no |" in row, row
 
 
 def test_saved_for_backward_accounts_per_block():
@@ -476,7 +521,9 @@ def test_hook_without_graph_methods_says_what_is_missing():
 
 def test_cpu_ratio_bench_tiny():
     """bench/bench_ecm.py (docs/benchmarks.md §1) runs end to end on the tiny models and reports every ratio,
-    including sampling with cfg_control cond_only (timings on 1 repetition: only their sanity is checked)."""
+    including sampling with cfg_control cond_only. Timings on 1 repetition next to other tests are noisy, so only
+    relations with a wide margin are checked: the ECM step truncated at scale 1 (5 tokens) is faster than at the last
+    scale (130 tokens; ≈ 5× here), and reading pre-tokenised codes is faster than tokenising images (≈ 10×)."""
     r = subprocess.run([sys.executable, str(REPO / "bench" / "bench_ecm.py"), "--size", "tiny", "--reps", "1",
                         "--warmup", "0"], check=False, capture_output=True, text=True, timeout=300, cwd=REPO)
     out = r.stdout + r.stderr
@@ -486,7 +533,9 @@ def test_cpu_ratio_bench_tiny():
                  "(d) on-the-fly / pre-tokenised: "):
         assert line in out, line
     ratios = [float(m) for m in re.findall(r"\| (\d+\.\d+)x \w+", out)]
-    assert len(ratios) >= 9 and all(0 < x < 1000 for x in ratios), out[-3000:]
+    assert len(ratios) >= 9, out[-3000:]
+    ms = {name: float(v) for name, v in re.findall(r"^\| (\w+) +\| [\d-]+ +\| ([\d.]+) ", out, re.M)}
+    assert ms["ecm_step_s1"] < ms["ecm_step_s5"] and ms["tok_pretok_s3"] < ms["tok_fly_s3"], ms
 
 
 def test_gpu_report_targets():
