@@ -82,15 +82,36 @@ def test_ecm_checkpointing_same_gradients_and_less_memory():
     assert kept[True] < 0.5 * kept[False], kept
 
 
-def test_checkpointing_is_off_without_grad():
-    var = _var().eval()
-    var.grad_checkpointing = True
+def test_checkpointing_is_off_without_grad(monkeypatch):
+    """Under no_grad (sampling, validation) nothing is checkpointed: a checkpoint would only cost a wrapper per block
+    and adapter. Counted at the two call sites; with grad enabled the same forward checkpoints every block and
+    adapter (the positive control)."""
+    import lightning_modules.ecm.control as control_mod
+    import lightning_modules.ecm.var as var_mod
+
+    calls = []
+
+    def counting(fn, *args, **kwargs):
+        calls.append(fn)
+        return torch.utils.checkpoint.checkpoint(fn, *args, **kwargs)
+
+    monkeypatch.setattr(var_mod, "checkpoint", counting)
+    monkeypatch.setattr(control_mod, "checkpoint", counting)
+    var = _var()
+    ctl = ECMControlNet(var, **CONTROL_PRESETS["tiny"]).eval()  # eval: no class or control dropout
+    freeze_backbone(var)
+    var.grad_checkpointing = ctl.grad_checkpointing = True
     label, x, _ = _inputs(var)
+    cond = torch.rand(label.shape[0], 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
     with torch.no_grad():
         a = var(label, x)
-    var.grad_checkpointing = False
-    with torch.no_grad():
-        assert torch.equal(var(label, x), a)
+        c = ctl(var, label, x, cond_img=cond)
+    assert calls == []
+    b = var(label, x)
+    assert len(calls) == len(var.blocks) and torch.equal(a, b.detach())
+    calls.clear()
+    d = ctl(var, label, x, cond_img=cond)
+    assert len(calls) == len(var.blocks) + len(ctl.adapters) and torch.equal(c, d.detach())
 
 
 @pytest.mark.gpu

@@ -142,9 +142,14 @@ def test_pretokenized_batches_and_equal_loss(setup):
     b = batches[1]
     fly = {k: v for k, v in b.items() if k != "codes"}
     assert torch.equal(torch.cat(var_m.tokens(fly), 1), b["codes"])
+    # the pre-tokenised batch trains from its codes alone: its image is blanked, so a step that re-tokenised the
+    # image would see other tokens (the blank image's loss differs: positive control)
+    pre_b = {**b, "image": torch.zeros_like(b["image"])} if "image" in b else b
+    blank = {**fly, "image": torch.zeros_like(fly["image"])}
     for m in (var_m, ecm_m):
         with torch.no_grad():
-            pre, otf = m.model_step(b, "train"), m.model_step(fly, "train")
+            pre, otf = m.model_step(pre_b, "train"), m.model_step(fly, "train")
+            assert not torch.equal(m.model_step(blank, "train")["loss"], otf["loss"])
         assert torch.isfinite(pre["loss"]) and torch.equal(pre["loss"], otf["loss"])
     # the controlled loss differs from the uncontrolled one (the control path is live in this check)
     with torch.no_grad():
