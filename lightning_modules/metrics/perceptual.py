@@ -118,11 +118,13 @@ class LPIPSNet(nn.Module):
     """LPIPS v0.1 distance (torchvision-free). ``forward(a, b) -> (N,)``; frozen, always eval.
 
     ``backbone_state_dict``: torchvision-format state dict (keys ``features.N.*``; ``classifier.*`` ignored).
-    ``lin_state_dict``: LPIPS heads (default: the ones shipped inside torchmetrics).
+    ``lin_state_dict``: LPIPS heads (default: the ones shipped inside torchmetrics). ``source``: where the backbone
+    came from (a file), named in the error when its keys or shapes do not fit.
     """
 
     def __init__(self, net_type: str = "alex", backbone_state_dict: Mapping[str, Tensor] | None = None,
-                 lin_state_dict: Mapping[str, Tensor] | None = None, *, normalize: bool = False) -> None:
+                 lin_state_dict: Mapping[str, Tensor] | None = None, *, normalize: bool = False,
+                 source: str | None = None) -> None:
         super().__init__()
         self.net_type = _net(net_type)
         self.normalize = bool(normalize)
@@ -134,11 +136,15 @@ class LPIPSNet(nn.Module):
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
         if backbone_state_dict is not None:
             sd = {k: v for k, v in backbone_state_dict.items() if k.startswith("features.")}
-            missing, unexpected = self.load_state_dict(sd, strict=False)
-            missing = [k for k in missing if k.startswith("features.")]
-            if missing or unexpected:
-                raise RuntimeError(f"backbone state dict does not match torchvision's {self.net_type} features: "
-                                   f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            want = self.features.state_dict(prefix="features.")
+            missing, unexpected = sorted(want.keys() - sd.keys()), sorted(sd.keys() - want.keys())
+            shapes = [f"{k}: expected {tuple(want[k].shape)}, found {tuple(sd[k].shape)}" for k in want
+                      if k in sd and sd[k].shape != want[k].shape]
+            if missing or unexpected or shapes:
+                raise RuntimeError(f"backbone state dict{f' in {source}' if source else ''} does not match "
+                                   f"torchvision's {self.net_type} features: missing {missing[:5]}, unexpected "
+                                   f"{unexpected[:5]}, mis-shaped {shapes[:5]}")
+            self.features.load_state_dict({k[len("features."):]: v for k, v in sd.items()})
         if lin_state_dict is None:
             lin_state_dict = torch.load(_lin_heads_path(self.net_type), map_location="cpu", weights_only=True)
         # lpips key layout: lin{i}.model.1.weight
@@ -275,7 +281,7 @@ def lpips_from_local(net_type: str = "alex", weights_path: str | os.PathLike | N
     path = resolve_lpips_backbone(net, weights_path)
     if backend == "native":
         sd = torch.load(path, map_location="cpu", weights_only=True)
-        return LPIPS(LPIPSNet(net, sd, normalize=normalize), reduction=reduction, **kwargs)
+        return LPIPS(LPIPSNet(net, sd, normalize=normalize, source=str(path)), reduction=reduction, **kwargs)
     if backend == "torchmetrics":
         if importlib.util.find_spec("torchvision") is None:
             raise ModuleNotFoundError("backend='torchmetrics' needs torchvision; use backend='native'")

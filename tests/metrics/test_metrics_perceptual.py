@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import re
+
 import pytest
 import torch
 
@@ -136,10 +138,17 @@ def test_lpips_backbone_resolution_and_clear_errors(tmp_path, monkeypatch):
     assert resolve_lpips_backbone("squeeze", f) == f
     with pytest.raises(ValueError, match="net_type"):
         resolve_lpips_backbone("resnet")
-    # a state dict of the wrong architecture is rejected
+    # a state dict of the wrong architecture is rejected, naming the file and what does not fit
     bad = tmp_path / "bad.pth"
     torch.save({"features.0.weight": torch.zeros(1)}, bad)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=rf"in {re.escape(str(bad))} does not match torchvision's squeeze features: "
+                       r"missing \['features.0.bias', .*mis-shaped \['features.0.weight: expected \(64, 3, 3, 3\), "
+                       r"found \(1,\)'\]"):
+        lpips_from_local("squeeze", bad)
+    sd = _random_state_dict(_squeezenet1_1_manifest())
+    sd["features.99.weight"] = torch.zeros(1)
+    torch.save(sd, bad)
+    with pytest.raises(RuntimeError, match=r"missing \[\], unexpected \['features.99.weight'\], mis-shaped \[\]"):
         lpips_from_local("squeeze", bad)
 
 
@@ -149,6 +158,8 @@ def test_torchmetrics_backend_needs_torchvision(squeeze_home):
         lpips_from_local("squeeze", backend="torchmetrics")
 
 
+# torchvision is not a dependency: PyPI's torchvision 0.28 (the build for torch 2.13) does not load with the CPU torch
+# wheel of this machine ("operator torchvision::nms does not exist", checked 2026-11-26); runs where torchvision works
 @pytest.mark.skipif(not HAS_TORCHVISION, reason="torchvision is not installed in this venv (native backend only)")
 def test_torchmetrics_backend_via_torch_home_trick_agrees_with_native(squeeze_home):  # pragma: no cover
     x = _imgs(3)
