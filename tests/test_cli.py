@@ -30,9 +30,12 @@ def test_fit_help_shows_base_arguments():
 def test_console_script_installed():
     import shutil
 
+    if not (REPO / ".venv").is_dir():
+        pytest.skip("no .venv here (run `make venv`)")
     exe = shutil.which("ctrlgen", path=str(REPO / ".venv" / "bin"))
-    if exe is None:
-        pytest.skip("ctrlgen console script not installed in .venv (run `make venv`)")
+    if exe is None:  # `make venv` installs [project.scripts]: a missing script is a broken entry point
+        pytest.fail(f"ctrlgen console script missing from {REPO / '.venv' / 'bin'} although .venv exists "
+                    "(check [project.scripts] in pyproject.toml and rerun `make venv`)")
     r = subprocess.run([exe, "fit", "--help"], capture_output=True, text=True, timeout=120, env=cli_env())
     assert r.returncode == 0 and "--trainer.max_steps" in r.stdout
 

@@ -42,16 +42,31 @@ def test_recipe_parses_with_base_applied(config):
         assert "/data/imagenet256/train-" in cfg["data"]["init_args"]["train_shards"]
 
 
+def _assert_applied(got, want, key: str, dots: list[str]) -> None:
+    """Every value of the fragment, nested ``init_args`` included, is in the stacked config; "." is collected."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict), f"{key}: {got!r}"
+        for k, v in want.items():
+            assert k in got, f"{key}.{k} missing"
+            _assert_applied(got[k], v, f"{key}.{k}", dots)
+    else:
+        assert got == want, f"{key}: {got!r} != {want!r}"
+        if want == ".":
+            dots.append(key)
+
+
 @pytest.mark.parametrize("fragment", FRAGMENTS)
-def test_fragment_stacks_on_a_recipe(fragment):
+def test_fragment_stacks_on_a_recipe(fragment, tmp_path):
     cfg = _print_config(["-c", "tests/configs/tiny.yaml", "-c", fragment])
     frag = yaml.safe_load((REPO / fragment).read_text())
-    for key, value in frag.get("trainer", {}).items():
-        got = cfg["trainer"][key]
-        if isinstance(value, dict) and "class_path" in value:
-            assert got["class_path"] == value["class_path"], key
-        elif not isinstance(value, (dict, list)):
-            assert got == value or value in (None, "."), key
+    assert frag.get("trainer"), fragment
+    dots: list[str] = []
+    _assert_applied(cfg["trainer"], frag["trainer"], "trainer", dots)
+    if dots:  # "." means the run dir: resolved by the CLI before instantiation
+        cli = CtrlgenCLI(args=["-c", "tests/configs/tiny.yaml", "-c", fragment,
+                               f"--trainer.default_root_dir={tmp_path}"], run=False)
+        for key in dots:
+            assert cli.config[key] == str(tmp_path), key
 
 
 @pytest.mark.parametrize("config", [c for c in RECIPES if "/demo_" in c] + ["tests/configs/tiny.yaml"])

@@ -112,7 +112,7 @@ def test_callback_rank_zero_only_and_after_save(tmp_path):
     assert _names(tmp_path) == ["hpc_ckpt_3.ckpt"]
     trainer.default_root_dir = "s3://bucket/run"
     assert cb.prune(trainer, fix_highest=True) is None  # remote dirs are left alone
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="keep must be >= 1, got 0"):
         HPCCheckpointPrune(keep=0)
 
 
@@ -159,7 +159,7 @@ def test_safe_requeue_ignores_forked_children_and_non_slurm():
     assert not idle.armed and signal.getsignal(signal.SIGUSR1) == before
     assert hpc.slurm_job_id({"SLURM_JOB_ID": "7", "SLURM_ARRAY_JOB_ID": "5", "SLURM_ARRAY_TASK_ID": "2"}) == "5_2"
     assert hpc.slurm_job_id({"SLURM_JOB_ID": "7"}) == "7"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="every_n_steps must be >= 1, got 0"):
         SafeRequeue(every_n_steps=0)
 
 
@@ -193,6 +193,7 @@ def test_safe_requeue_saves_at_step_boundary_requeues_and_resumes_exactly(shapes
                                 "--data.init_args.num_workers=1", f"--trainer.default_root_dir={tmp_path}",
                                 "--trainer.callbacks+=callbacks.hpc_prune.SafeRequeue", *extra])
 
+    before = signal.getsignal(signal.SIGUSR1)
     first = fit("--trainer.callbacks+=tests.test_hpc_prune.Signal")
     assert first.trainer.global_step == 3
     ckpt = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)
@@ -203,7 +204,7 @@ def test_safe_requeue_saves_at_step_boundary_requeues_and_resumes_exactly(shapes
         marker.unlink()  # what the batch script does before `scontrol requeue`
     else:
         assert calls == [["scontrol", "requeue", "4242"]] and not marker.exists()
-    assert signal.getsignal(signal.SIGUSR1) is not None
+    assert signal.getsignal(signal.SIGUSR1) == before  # SafeRequeue.teardown put the previous handler back
     resumed = fit()
     assert Path(resumed.trainer.ckpt_path) == tmp_path / "hpc_ckpt_1.ckpt"
     assert resumed.trainer.global_step == 6 and len(resumed.model.seen_noise) == 3

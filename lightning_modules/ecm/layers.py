@@ -2,7 +2,7 @@
 self-attention with its optional KV cache, the FFN and the AdaLN blocks. The ECM adapters
 (:mod:`lightning_modules.ecm.control`) reuse :class:`SelfAttention`, :class:`FFN` and :func:`ada_modulate`.
 
-State-dict keys are those of the official modules (the manifests in ``shared/fixtures``); :class:`DropPath` keeps
+State-dict keys are those of the official modules (the manifests in ``tests/fixtures``); :class:`DropPath` keeps
 its rate in a non-persistent buffer, so ``torch.compile`` shares one graph between blocks with different rates.
 """
 from __future__ import annotations

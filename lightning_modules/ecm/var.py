@@ -1,7 +1,7 @@
 """VAR transformer (FoundationVision/VAR ``models/var.py``/``basic_var.py``), spec §3.4–§3.8.
 
-State-dict keys/shapes equal ``shared/fixtures/var_d16_state_dict.tsv`` for depth 16. Differences from the
-official code, by design: no global monkey-patching (Q1; every module initialised explicitly in
+State-dict keys/shapes equal the spec's manifest (``tests/fixtures/var_d16_state_dict.tsv``) for depth 16.
+Differences from the official code, by design: no global monkey-patching (Q1; every module initialised explicitly in
 :meth:`VAR.init_weights`), class dropout only in training (Q2), the VQVAE is an argument of the sampler
 rather than a hidden proxy, and an external *hook* can steer the forward (ECM adapters, §2.2).
 

@@ -1,7 +1,7 @@
 """Multi-scale residual VQVAE of VAR (spec §3.2), state-dict compatible with ``vae_ch160v4096z32.pth``.
 
-Keys/shapes equal ``shared/fixtures/vae_ch160v4096z32_state_dict.tsv`` for the default config (checked in
-tests/ecm/test_vqvae.py). LDM conv ``Encoder``/``Decoder`` (GroupNorm(32, eps 1e-6) + SiLU, single-head
+Keys/shapes equal the spec's manifest (``tests/fixtures/vae_ch160v4096z32_state_dict.tsv``) for the default config
+(checked in tests/ecm/test_vqvae.py). LDM conv ``Encoder``/``Decoder`` (GroupNorm(32, eps 1e-6) + SiLU, single-head
 attention with fused 1×1 ``qkv`` + ``proj_out`` via SDPA); quantiser maths in :class:`MultiScaleQuantizer`;
 pure loss helpers :func:`vq_scale_loss`, :func:`straight_through`, :func:`codebook_usage`.
 """

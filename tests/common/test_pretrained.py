@@ -3,8 +3,6 @@ with save_pretrained into tmp dirs and loaded back; wrong paths fail with the di
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch import nn
@@ -30,8 +28,31 @@ def _frozen(m: nn.Module) -> bool:
     return not m.training and not any(p.requires_grad for p in m.parameters())
 
 
-def test_offline_env_is_set():
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
+@pytest.mark.parametrize("cls,sub", [("UNet2DConditionModel", "unet"), ("transformers.CLIPTextModel", "text_encoder"),
+                                     ("StableDiffusionPipeline", None)])
+def test_hub_id_fails_as_missing_dir_without_network(monkeypatch, cls, sub):
+    """A hub id is only a missing local directory: no DNS look-up, no connection, even with the hub's offline switch
+    off (the harness sets HF_HUB_OFFLINE=1; the guarantee must not rest on it)."""
+    import socket
+
+    import huggingface_hub.constants as hub_constants
+
+    calls = []
+
+    def no_net(name):
+        def deny(*args, **kwargs):
+            calls.append((name, args[1:2] if name == "connect" else args[:1]))
+            raise OSError(f"test: network access attempted ({name})")
+        return deny
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_net("getaddrinfo"))
+    monkeypatch.setattr(socket, "create_connection", no_net("create_connection"))
+    monkeypatch.setattr(socket.socket, "connect", no_net("connect"))
+    with pytest.raises(FileNotFoundError, match=r"stabilityai/stable-diffusion-xl-base-1\.0.* not found"):
+        load_frozen(cls, "stabilityai/stable-diffusion-xl-base-1.0", subfolder=sub)
+    assert calls == []
 
 
 def test_diffusers_components_load_frozen_with_dtype(pipe_dir):

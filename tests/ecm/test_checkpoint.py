@@ -1,6 +1,7 @@
 """Strict loading of (fake) official checkpoints (spec §3.1, §3.9; §8 checks 1 and 3)."""
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,8 @@ from lightning_modules.ecm.scales import block_causal_bias, lvl_index
 from lightning_modules.ecm.var import VAR, build_var
 from lightning_modules.ecm.vqvae import VQVAE
 
-FIX = find_fixtures_dir()
-needs_fixtures = pytest.mark.skipif(FIX is None, reason="shared/fixtures not found (set CTRLGEN_FIXTURES)")
+MANIFESTS = Path(__file__).resolve().parents[1] / "fixtures"  # vendored copies of shared/fixtures/*.tsv
+FIX = find_fixtures_dir()  # where the (large, not vendored) official weights may live
 
 
 def _empty(cls, **kw):
@@ -29,9 +30,8 @@ def _empty(cls, **kw):
     return m.to_empty(device="cpu")
 
 
-@needs_fixtures
 def test_fake_var_d16_checkpoint_loads_strict(tmp_path):
-    man = read_manifest(FIX / "var_d16_state_dict.tsv")
+    man = read_manifest(MANIFESTS / "var_d16_state_dict.tsv")
     bufs = {"lvl_1L": lvl_index().view(1, -1), "attn_bias_for_masking": block_causal_bias()}
     path = tmp_path / "var_d16.pth"
     torch.save(fake_state_dict(man, bufs, fill=0.0), path)
@@ -45,17 +45,23 @@ def test_fake_var_d16_checkpoint_loads_strict(tmp_path):
     os.remove(path)
 
 
-@needs_fixtures
 def test_fake_vqvae_checkpoint_loads_strict_safetensors(tmp_path):
     from safetensors.torch import save_file
 
-    man = read_manifest(FIX / "vae_ch160v4096z32_state_dict.tsv")
+    man = read_manifest(MANIFESTS / "vae_ch160v4096z32_state_dict.tsv")
     path = tmp_path / "vae.safetensors"
     save_file(fake_state_dict(man, fill=0.5), str(path))
     model = _empty(VQVAE)
     assert load_state_dict_strict(model, path)["num_tensors"] == 324
     assert torch.all(model.quantize.embedding.weight == 0.5)
     assert set(model.state_dict()) == {k for k, _, _ in man}
+
+
+@pytest.mark.skipif(FIX is None, reason="no shared/fixtures here to compare the vendored manifests with")
+def test_vendored_manifests_match_shared():
+    for name in ("var_d16_state_dict.tsv", "vae_ch160v4096z32_state_dict.tsv"):
+        if (FIX / name).is_file():
+            assert (MANIFESTS / name).read_bytes() == (FIX / name).read_bytes(), f"tests/fixtures/{name} is stale"
 
 
 @pytest.fixture()
@@ -127,7 +133,7 @@ def test_sha256_and_missing_file(tmp_path):
     p = tmp_path / "blob.bin"
     p.write_bytes(b"ctrlgen" * 1000)
     assert sha256_of(p) == hashlib.sha256(b"ctrlgen" * 1000).hexdigest()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"^checkpoint not found: " + re.escape(str(tmp_path / "nope.pth"))):
         load_state_dict_strict(torch.nn.Linear(2, 2), tmp_path / "nope.pth")
 
 
@@ -140,10 +146,12 @@ def _real(name: str, env: str) -> Path | None:
 @pytest.mark.skipif(_real("var_d16.pth", "CTRLGEN_VAR_D16") is None,
                     reason="official var_d16.pth not available locally (set CTRLGEN_VAR_D16)")
 def test_real_var_d16_loads():
-    load_state_dict_strict(_empty(VAR, depth=16), _real("var_d16.pth", "CTRLGEN_VAR_D16"))
+    report = load_state_dict_strict(_empty(VAR, depth=16), _real("var_d16.pth", "CTRLGEN_VAR_D16"))
+    assert report["num_tensors"] == 220, report
 
 
 @pytest.mark.skipif(_real("vae_ch160v4096z32.pth", "CTRLGEN_VAE") is None,
                     reason="official vae_ch160v4096z32.pth not available locally (set CTRLGEN_VAE)")
 def test_real_vqvae_loads():
-    load_state_dict_strict(_empty(VQVAE), _real("vae_ch160v4096z32.pth", "CTRLGEN_VAE"))
+    report = load_state_dict_strict(_empty(VQVAE), _real("vae_ch160v4096z32.pth", "CTRLGEN_VAE"))
+    assert report["num_tensors"] == 324, report

@@ -1,4 +1,6 @@
 """ECM control net (spec §2.1–§2.2; §8 checks 2, 7, 8, 9, 12)."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,7 +65,7 @@ def test_param_counts_meta(depth, count, n_ad):
 def test_placement_and_knobs():
     assert adapter_positions(16) == [3, 7, 11, 15] and adapter_positions(24)[-1] == 23
     assert adapter_positions(16, after_blocks=[9, 0]) == [0, 9]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("invalid adapter positions [4] for depth 4")):
         adapter_positions(4, after_blocks=[4])
     var = tiny_var()
     shared = tiny_ctl(var)
@@ -96,7 +98,7 @@ def test_control_tokens_shapes_and_area_mean():
     typed = tiny_ctl(var, num_condition_types=3)
     assert typed.type_embed is not None and typed.type_embed.num_embeddings == 3
     assert typed.control_tokens(cond, torch.tensor([0, 2])).shape == (2, var.L, 128)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="type_idx is required with a type embedding"):
         typed.control_tokens(cond)
 
 
@@ -176,7 +178,7 @@ def test_init_modes_and_gradient_reaches_gates_first():
     vi = tiny_ctl(var, init="var_init")
     assert not torch.equal(vi.adapters[0].attn.mat_qkv.weight, var.blocks[1].attn.mat_qkv.weight)
     assert torch.all(vi.gates == 0) and torch.all(vi.ffns[0].fc1.bias == 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("unknown init 'nope' (copy_backbone|var_init)")):
         tiny_ctl(var, init="nope")
 
     ctl.train()
@@ -202,7 +204,25 @@ def test_eval_forward_deterministic_and_dropout_only_in_training():
         dropped = ctl(var, lab, x, cond)
         ctl.eval()
         null = ctl(var, torch.full_like(lab, var.num_classes), x, cond)
+        # control dropout in training: a dropped row sees zero control tokens r (the adapters still run)
+        r = ctl.control_tokens(cond)
+        full, no_r = ctl(var, lab, x, r=r), ctl(var, lab, x, r=torch.zeros_like(r))
+        ctl.train()
+        ctl.cond_drop_rate, ctl.control_drop_rate = 0.0, 1.0
+        all_dropped = ctl(var, lab, x, cond)
+        ctl.control_drop_rate = 0.5
+        torch.manual_seed(3)
+        lab8, x8, r8 = lab.repeat(4)[:8], x.repeat(4, 1, 1)[:8], r.repeat(4, 1, 1)[:8]
+        mixed = ctl(var, lab8, x8, r=r8)
+        full8, no_r8 = full.repeat(4, 1, 1)[:8], no_r.repeat(4, 1, 1)[:8]
+        ctl.eval()
     assert torch.allclose(dropped, null, atol=1e-6)
+    assert not torch.allclose(full, no_r, atol=1e-3)  # zeroing r is visible with gates 0.5
+    assert torch.allclose(all_dropped, no_r, atol=1e-6)
+    row_dropped = [bool(torch.allclose(m, n, atol=1e-6)) for m, n in zip(mixed, no_r8)]
+    row_kept = [bool(torch.allclose(m, f, atol=1e-6)) for m, f in zip(mixed, full8)]
+    assert all(d != k for d, k in zip(row_dropped, row_kept)), (row_dropped, row_kept)  # per-row: dropped xor kept
+    assert any(row_dropped) and any(row_kept), row_dropped  # rate 0.5 with seed 3 drops some of the 8 rows
 
 
 def test_bf16_autocast_forward_and_sampling(vae):
@@ -218,7 +238,9 @@ def test_bf16_autocast_forward_and_sampling(vae):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_ecm_d16_kv_cache_and_speed():
+def test_cuda_ecm_d16_kv_cache_and_train_step():
+    """bf16 KV-cache sampling with control ≈ teacher forcing, and bs-64 train steps leave the frozen VAR without
+    grads. The step timings and peak memory are only printed (for the log), not asserted."""
     import time
 
     dev, B = "cuda", 64

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 from pathlib import Path
 
@@ -62,17 +63,32 @@ def test_ecm_trains_adapters_only_and_keeps_base_frozen(shapes_shards, tmp_path,
     assert "train/tokens" in logged and "train/trunc_scale" in logged and "train/gate0" in logged
 
 
-def test_ecm_test_reports_canny_f1_and_resumes_from_small_checkpoint(shapes_shards, tmp_path, bases, capsys):
+def test_ecm_test_reports_canny_f1_and_resumes_from_small_checkpoint(shapes_shards, tmp_path, bases, capsys,
+                                                                      monkeypatch):
+    from lightning_modules.metrics.control import MeanSEM
+
     CtrlgenCLI(args=["fit", *_ecm_args(shapes_shards, tmp_path / "fit", bases, steps=2)])
     ckpt = tmp_path / "fit" / "checkpoints" / "last.ckpt"
-    tested = CtrlgenCLI(args=["test", *_ecm_args(shapes_shards, tmp_path / "test", bases, test=True),
-                              f"--ckpt_path={ckpt}"])
+    seen, update = [], MeanSEM.update
+
+    def spy(self, values):  # records the per-image F1 differences the module feeds its margin metric
+        seen.append((self, values.detach().double().flatten().cpu().clone()))
+        return update(self, values)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(MeanSEM, "update", spy)
+        tested = CtrlgenCLI(args=["test", *_ecm_args(shapes_shards, tmp_path / "test", bases, test=True),
+                                  f"--ckpt_path={ckpt}"])
     m = tested.trainer.callback_metrics
     assert 0.0 <= float(m["test/canny_f1"]) <= 1.0 and 0.0 <= float(m["test/canny_f1_base"]) <= 1.0
     # paired margin over the same test images: mean of per-image differences = difference of the means
     assert float(m["test/canny_f1_margin"]) == pytest.approx(float(m["test/canny_f1"]) - float(m["test/canny_f1_base"]),
                                                              abs=1e-5)
-    assert float(m["test/canny_f1_margin_sem"]) >= 0.0
+    # its SEM: sample std (ddof=1) / sqrt(n) of the per-image differences, checked against numpy
+    diffs = torch.cat([v for obj, v in seen if obj is tested.model.f1_margin]).numpy()
+    assert len(diffs) >= 2 and math.isfinite(float(m["test/canny_f1_margin_sem"]))
+    assert float(m["test/canny_f1_margin"]) == pytest.approx(diffs.mean(), abs=1e-5)
+    assert float(m["test/canny_f1_margin_sem"]) == pytest.approx(diffs.std(ddof=1) / math.sqrt(len(diffs)), abs=1e-6)
     # bench/cfg_control_f1.py re-samples the test set from the saved test config (its ckpt_path): its `both` and
     # base F1 are the module's, and cond_only is scored on the same images
     spec = importlib.util.spec_from_file_location("cfg_control_f1", REPO / "bench" / "cfg_control_f1.py")

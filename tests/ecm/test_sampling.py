@@ -1,5 +1,6 @@
 """Sampling maths (spec §2.3, §2.4, §3.7, §8 check 11)."""
 import itertools
+import re
 from collections import Counter
 
 import pytest
@@ -32,9 +33,9 @@ def test_temperature_schedules():
     lin = temperature_schedule(10, "linear")
     assert lin[0] == 1.0 and lin[-1] == pytest.approx(0.8) and all(a > b for a, b in itertools.pairwise(lin))
     assert temperature_schedule(4, "const", temp_high=0.9) == [0.9] * 4
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("unknown temperature schedule kind 'cosine'")):
         temperature_schedule(4, "cosine")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="temperature schedule has 2 entries, expected 3"):
         S.resolve_temperatures([1.0, 1.0], 3)
 
 
@@ -102,8 +103,8 @@ def test_early_centric_frequencies_and_sync():
 
 def test_normalize_trunc_probs():
     assert normalize_trunc_probs({"5": 1, "7": 3}) == {5: 0.25, 7: 0.75}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="trunc_probs must be non-negative"):
         normalize_trunc_probs({5: -1.0, 7: 2.0})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("trunc_probs keys [12] must lie in [0, 10)")):
         normalize_trunc_probs({12: 1.0}, num_scales=10)
     assert draw_trunc_scale({3: 1.0}, seed=0, step=5) == 3

@@ -90,7 +90,7 @@ def test_trunc_stats_default():
 
 
 def test_invalid_schedule():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"patch_nums must be a non-empty sequence of positive ints, got \(\)"):
         ends_for(())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"patch_nums must be a non-empty sequence of positive ints, got \(1, 0\)"):
         ends_for((1, 0))

@@ -1,9 +1,11 @@
 """Multi-scale VQVAE (spec §3.2, §8 checks 1, 2, 4)."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.ecm.checkpoint import find_fixtures_dir, read_manifest
+from lightning_modules.ecm.checkpoint import read_manifest
 from lightning_modules.ecm.scales import phi_table
 from lightning_modules.ecm.vqvae import (
     VQVAE,
@@ -12,8 +14,7 @@ from lightning_modules.ecm.vqvae import (
     vq_scale_loss,
 )
 
-FIX = find_fixtures_dir()
-needs_fixtures = pytest.mark.skipif(FIX is None, reason="shared/fixtures not found (set CTRLGEN_FIXTURES)")
+MANIFESTS = Path(__file__).resolve().parents[1] / "fixtures"  # vendored copies of shared/fixtures/*.tsv
 
 
 def _n(m):
@@ -25,10 +26,9 @@ def _meta_default():
         return VQVAE()
 
 
-@needs_fixtures
 def test_state_dict_equals_manifest():
     sd = _meta_default().state_dict()
-    man = read_manifest(FIX / "vae_ch160v4096z32_state_dict.tsv")
+    man = read_manifest(MANIFESTS / "vae_ch160v4096z32_state_dict.tsv")
     assert len(man) == 324
     assert list(sd) == [k for k, _, _ in man]
     for k, shape, dtype in man:

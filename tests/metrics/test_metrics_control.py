@@ -157,13 +157,34 @@ def test_depth_rmse_resizes_prediction_to_condition():
     assert depth_rmse(big[:, None], d[:, None]).mean.item() == pytest.approx(0.0, abs=1e-9)
 
 
+def _np_depth_rmse(pred, cond) -> float:
+    """The ControlNet++ protocol written out in numpy (independent of ``depth_rmse``): pred / per-image max × 255
+    rounded to 8 bit, cond min-max normalised to 0–255, per-image RMSE, mean over images."""
+    pred, cond = np.asarray(pred, np.float32), np.asarray(cond, np.float64)
+    per = []
+    for p, c in zip(pred, cond):
+        p8 = np.clip(np.round(p / p.max() * np.float32(255.0)), 0, 255).astype(np.float64)
+        cn = (c - c.min()) / (c.max() - c.min()) * 255.0
+        per.append(np.sqrt(np.mean((p8 - cn) ** 2)))
+    return float(np.mean(per))
+
+
 def test_depth_rmse_metric_with_geometry_passthrough():
+    # the hand-computed pair of test_depth_rmse_identity_and_hand_computed: RMSE sqrt(5120), then the rounding-only
+    # sample sqrt((0.25² + 0.5²)/4); compute() is the mean over both updates' samples
+    pred = torch.tensor([[[0.0, 1.0], [2.0, 4.0]]])
+    cond = torch.tensor([[[0.0, 0.0], [0.0, 4.0]]])
+    m = DepthRMSE(estimator=GeometryDepth())
+    m.update(pred[:, None], cond)  # (B,1,H,W) depth "images" through the passthrough
+    assert m.compute().item() == pytest.approx(5120**0.5, rel=1e-6)
+    m.update(pred[:, None], pred)
+    assert m.compute().item() == pytest.approx((5120**0.5 + ((0.25**2 + 0.5**2) / 4) ** 0.5) / 2, rel=1e-6)
     d = torch.rand(4, 12, 12) * 3 + 0.5
     m = DepthRMSE(estimator=GeometryDepth())
-    m.update(d[:, None], d)  # (B,1,H,W) depth "images" through the passthrough
-    expected = depth_rmse(d, d).mean.item()
-    assert expected > 0  # max-normalisation vs min-max normalisation differ when min > 0
-    assert m.compute().item() == pytest.approx(expected, rel=1e-6)
+    m.update(d[:, None], d)
+    expected = _np_depth_rmse(d, d)
+    assert expected > 1  # max-normalisation vs min-max normalisation differ when min > 0
+    assert m.compute().item() == pytest.approx(expected, rel=1e-5)
     g = GeometryDepth(fn=lambda x: x * 2)
     assert torch.allclose(g(d), d * 2)
     assert GeometryDepth()(d[:, None].expand(-1, 3, -1, -1)).shape == (4, 12, 12)
@@ -188,7 +209,8 @@ def test_tiny_random_dpt_through_transformers_depth_estimator(tmp_path):
     assert torch.allclose(est(imgs.float() / 255), depth, atol=1e-5)
     m = DepthRMSE(estimator=est)
     m.update(imgs, depth)
-    assert m.compute().item() == pytest.approx(depth_rmse(depth, depth).mean.item(), abs=1e-5)
+    expected = _np_depth_rmse(depth, depth)
+    assert expected > 0 and m.compute().item() == pytest.approx(expected, rel=1e-4)
 
 
 def test_transformers_depth_estimator_missing_dir_names_it(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,12 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _is_png(path) -> bool:
     with open(path, "rb") as fh:
         return fh.read(8) == PNG_MAGIC
+
+
+def _colour_pixels(path) -> int:
+    """Saturated pixels: axes, ticks, grid and text are grey, so only the plotted series (and their legend) count."""
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    return int(((rgb.max(-1) - rgb.min(-1)) > 60).sum())
 
 
 def test_grid_layout_titles_and_pixels(tmp_path):
@@ -43,7 +51,7 @@ def test_grid_without_titles_and_mixed_sizes(tmp_path):
     rows = [[np.zeros((10, 10, 3), np.uint8), np.full((6, 8), 200, np.uint8)]]
     p = save_grid_png(rows, tmp_path / "g2.png", pad=1)
     assert Image.open(p).size == (2 * 10 + 3, 10 + 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("cannot interpret image of shape (5, 5, 7)")):
         to_uint8_hwc(np.zeros((5, 5, 7)))
 
 
@@ -58,7 +66,7 @@ def test_plot_curves_per_scale_and_flat(tmp_path):
     assert _is_png(p2) and Image.open(p2).size == (200, 144)  # default 5 x 3.6 in
     # a plot with data differs from an empty-ish one: non-white pixels present
     assert np.asarray(Image.open(p2).convert("L")).min() < 200
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="nothing to plot"):
         plot_curves({}, tmp_path / "x.png")
 
 
@@ -66,8 +74,11 @@ def test_plot_metric_vs_setting(tmp_path):
     p = plot_metric_vs_setting([1.0, 1.5, 2.0, 3.0], {"ECM": [4.1, 3.6, 3.9, 5.0], "CAR": [5.2, 4.4, 4.6, 6.0]},
                                "cfg scale", "FID", tmp_path / "sub" / "fid_vs_cfg.png", dpi=60)
     assert _is_png(p) and Image.open(p).size == (300, 216)
+    assert np.asarray(Image.open(p).convert("L")).min() < 200  # not a blank figure
+    assert _colour_pixels(p) > 100  # the two coloured series (lines + markers) were drawn
     p2 = plot_metric_vs_setting(["greedy", "top-k", "top-p"], {"F1": [0.3, 0.35, 0.33]}, "sampler", "F1",
                                 tmp_path / "cat.png", dpi=30)
     assert Image.open(p2).size == (150, 108)
+    assert np.asarray(Image.open(p2).convert("L")).min() < 200 and _colour_pixels(p2) > 20
     with pytest.raises(ValueError, match="values for"):
         plot_metric_vs_setting([1, 2], {"a": [1.0]}, "x", "y", tmp_path / "bad.png")

@@ -94,6 +94,7 @@ def test_guarded_entry_refuses_after_parsing_before_building(monkeypatch, shapes
     assert "trainer.devices=1" in capsys.readouterr().err
     monkeypatch.delenv("SLURM_STEP_ID")
     monkeypatch.delenv("SLURM_STEPID")
-    with pytest.raises(SystemExit):  # batch step: refused before the config is even parsed
+    with pytest.raises(SystemExit) as e:  # batch step: refused before the config is even parsed
         guard.main(["fit", "-c", "does-not-exist.yaml"])
+    assert e.value.code == 2
     assert "not started by `srun`" in capsys.readouterr().err
