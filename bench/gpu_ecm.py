@@ -4,7 +4,8 @@ Setup: batch 64, 256 px, VAR d16 + VQVAE vae_ch160v4096z32 + default control net
 grad-clip 2.0. Training steps use random pre-tokenised codes (``idx_to_var_input`` is part of each step). Cases, in
 the order they run (eager first, compiled last: a compiled block would also be used by the samplers):
 
-* ``vqvae_encode``          VQVAE ``img_to_idx`` (encoder bf16, quantiser fp32; not with --quick)
+* ``vqvae_encode``          VQVAE ``img_to_idx`` (fp32 with autocast off, as the training step tokenises; TF32 on;
+                            not with --quick)
 * ``var_train_680`` / ``var_train_255``   base VAR step on all tokens / the first 8 scales (all params trainable,
                             drop-path + class dropout)
 * ``ecm_train_s{5,7,9}``    ECM step (frozen VAR in eval mode + control net, only the control net trains) truncated at

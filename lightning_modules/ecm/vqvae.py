@@ -404,8 +404,11 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def img_to_idx(self, img: Tensor, last_si: int | None = None) -> list[Tensor]:
-        """Image in [−1, 1] → list of (B, pn²) int64 token maps."""
-        return self.quantize.f_to_idx(self.encode(img), last_si)
+        """Image in [−1, 1] → list of (B, pn²) int64 token maps. The encoder runs in fp32 with autocast off, as the
+        official trainer tokenises before its amp context: the codes do not depend on the caller's precision, and
+        on-the-fly codes equal pre-tokenised ones (``ctrlgen data tokenize``)."""
+        with torch.autocast(device_type=img.device.type, enabled=False):
+            return self.quantize.f_to_idx(self.encode(img.float()), last_si)
 
     def idx_to_fhat(self, idx_list: Sequence[Tensor]) -> Tensor:
         return self.quantize.idx_to_fhat(idx_list)

@@ -153,6 +153,11 @@ def test_latent_size_mismatch_raises(tiny):
 def test_token_maths_ignores_autocast(tiny):
     img = torch.rand(2, 3, 64, 64) * 2 - 1
     idx = tiny.img_to_idx(img)
+    # tokenising under the trainer's bf16 autocast gives the fp32 codes (the encoder is shielded); the encoder itself
+    # under autocast would pick other codes (positive control: the shield is what makes them equal)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(torch.equal(a, b) for a, b in zip(tiny.img_to_idx(img), idx))
+        assert not all(torch.equal(a, b) for a, b in zip(tiny.quantize.f_to_idx(tiny.encode(img)), idx))
     with torch.no_grad():
         ref = tiny.idx_to_var_input(idx)
         with torch.autocast("cpu", dtype=torch.bfloat16):
