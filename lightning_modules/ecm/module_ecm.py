@@ -30,7 +30,7 @@ class ECMModule(VARBase):
     def __init__(self, var_preset: str = "d16", var_overrides: dict | None = None, var_weights: str | None = None,
                  vqvae_preset: str = "vae_ch160v4096z32", vqvae_overrides: dict | None = None,
                  vqvae_weights: str | None = None, control: dict | None = None,
-                 condition_types: list[str] | None = None, finetune_base: bool = False, early_centric: bool = True,
+                 condition_types: list[str] | None = None, finetune_base: bool = False, early_centric: bool | None = None,
                  trunc_probs: dict[int, float] | None = None, temp_schedule: str = "step", temp_high: float = 1.0,
                  temp_low: float = 0.8, temp_switch_scale: int | None = None, cfg_control: str = "both",
                  edge_extractor: str = "cv2_canny_100_200", eval_base: bool = True,
@@ -49,7 +49,13 @@ class ECMModule(VARBase):
             if var_weights is None:
                 rank_zero_warn("ECMModule: model.init_args.var_weights is not set: adapters train on a RANDOM frozen VAR")
         K = len(self.var.patch_nums)
-        self.early_centric = early_centric and not finetune_base
+        # default: early-centric for ECM, full sequences for the full-fine-tune baseline; an explicit true with
+        # finetune_base is honoured (a truncated full fine-tune is an ablation, not the baseline)
+        self.early_centric = (not finetune_base) if early_centric is None else bool(early_centric)
+        if finetune_base and self.early_centric:
+            rank_zero_warn("ECMModule: finetune_base with early_centric: true trains the whole VAR on truncated "
+                           "sequences (an ablation); the full-fine-tune baseline of ecm.md uses full sequences "
+                           "(leave early_centric unset or false)")
         self.trunc_probs = normalize_trunc_probs(trunc_probs or _default_trunc(K), K)
         switch = K - 2 if temp_switch_scale is None else temp_switch_scale
         self.temperatures = temperature_schedule(K, temp_schedule, temp_high, temp_low, switch)

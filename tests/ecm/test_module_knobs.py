@@ -52,3 +52,13 @@ def test_sampler_knob_errors():
     m.trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
     with pytest.raises(ValueError, match="'graph' captures CUDA graphs and needs a CUDA device; this run is on cpu"):
         m.setup("fit")
+
+
+def test_early_centric_default_per_mode_and_explicit_ablation():
+    """early_centric unset: truncated training for ECM, full sequences for the full-fine-tune baseline; an explicit
+    true with finetune_base is honoured (and warned about), never silently dropped."""
+    assert _module("ECMModule").early_centric is True
+    assert _module("ECMModule", early_centric=False).early_centric is False
+    assert _module("ECMModule", finetune_base=True).early_centric is False
+    with pytest.warns(UserWarning, match="truncated sequences"):
+        assert _module("ECMModule", finetune_base=True, early_centric=True).early_centric is True
