@@ -138,7 +138,10 @@ def decode_value(key: str, data: bytes) -> Any:
     if ext == "png":
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            mode = "L" if im.mode in ("L", "I", "I;16", "1") else "RGB"
+            if im.mode.startswith("I"):  # 16-bit grey (e.g. depth): rescale 0..65535 → 0..255 (Pillow's convert clips)
+                a = np.asarray(im).astype(np.int64)
+                return ((a.clip(0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+            mode = "L" if im.mode in ("L", "1") else "RGB"
             return np.asarray(im.convert(mode))
     if ext == "npy":
         return np.load(io.BytesIO(data), allow_pickle=False)

@@ -32,6 +32,10 @@ def test_png_condition_keeps_one_channel():
     assert decode_value("normal.png", encode_png(rgb)).shape == (8, 8, 3)
     assert decode_value("x.json", b'{"a": 1}') == {"a": 1}
     assert decode_value("x.cls", b"3") == 3
+    # a 16-bit depth PNG is rescaled to 8 bits (Pillow's convert("L") would clip everything above 255 to white)
+    deep = np.array([[0, 1000, 30000, 65535]], dtype=np.uint16)
+    got = decode_value("depth.png", encode_png(deep))
+    assert got.dtype == np.uint8 and got.tolist() == [[0, 4, 117, 255]]
 
 
 def test_train_batches_and_shapes(shapes_shards):
