@@ -24,8 +24,8 @@ _NO_DECAY = ("gates", "gate_in", "type_embed", "pos_embed", "scale_mul", "class_
 
 class ECMModule(VARBase):
     runtime_args = ("var_weights", "vqvae_weights", "cfg", "top_k", "top_p", "grad_checkpointing", "sampler",
-                    "temp_schedule", "temp_high", "temp_low", "temp_switch_scale", "cfg_control", "eval_base",
-                    "distribution_metrics", "inception_weights", "depth_estimator_dir", "edge_extractor")
+                    "base_mismatch", "temp_schedule", "temp_high", "temp_low", "temp_switch_scale", "cfg_control",
+                    "eval_base", "distribution_metrics", "inception_weights", "depth_estimator_dir", "edge_extractor")
 
     def __init__(self, var_preset: str = "d16", var_overrides: dict | None = None, var_weights: str | None = None,
                  vqvae_preset: str = "vae_ch160v4096z32", vqvae_overrides: dict | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_modules.common.base import BaseGenModule, decay_groups
 from lightning_modules.ecm.bases import check_compatible, make_var, make_vqvae
@@ -22,19 +23,29 @@ def split_codes(codes_BL: torch.Tensor, begin_ends: list[tuple[int, int]], upto:
     return [codes_BL[:, bg:ed] for bg, ed in begin_ends[:n]]
 
 
+def _describe(info: dict | None) -> str:
+    return "random weights (no file)" if info is None else f"{info['path']} (sha256 {info['sha256'][:12]}…)"
+
+
 class VARBase(BaseGenModule):
     """Shared by ``VARModule`` and ``ECMModule``: frozen VQVAE, tokens of a batch, per-scale logging, sampling args."""
 
     def __init__(self, var_preset: str, var_overrides: dict | None, var_weights: str | None, vqvae_preset: str,
                  vqvae_overrides: dict | None, vqvae_weights: str | None, loss_norm: str = "kept_mean",
                  label_smoothing: float = 0.0, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
-                 grad_checkpointing: bool = False, sampler: str = "eager", **kwargs: Any):
+                 grad_checkpointing: bool = False, sampler: str = "eager", base_mismatch: str = "error",
+                 **kwargs: Any):
         """``grad_checkpointing``: recompute each VAR block (and ECM adapter) in the backward instead of keeping its
         activations — for GPUs whose memory does not hold the batch (≈ 1/3 more compute per step).
         ``sampler``: ``eager`` | ``static`` | ``graph`` (CUDA only) for every sample this module draws (validation
-        grids, test, predict); all three give the same tokens from the same generator (ecm/fastpath.py)."""
+        grids, test, predict); all three give the same tokens from the same generator (ecm/fastpath.py).
+        ``base_mismatch``: ``error`` | ``warn`` when a checkpoint was made on other frozen base files (sha256) than
+        the ones this run loads (``on_load_checkpoint``)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"model.init_args.sampler must be one of {'|'.join(SAMPLERS)}, got {sampler!r}")
+        if base_mismatch not in ("error", "warn"):
+            raise ValueError(f"model.init_args.base_mismatch must be 'error' or 'warn', got {base_mismatch!r}")
+        self.base_mismatch = base_mismatch
         super().__init__(**kwargs)
         self.vqvae, self.vqvae_info = make_vqvae(vqvae_preset, vqvae_overrides, vqvae_weights)
         self.var, self.var_info = make_var(var_preset, var_overrides, var_weights)
@@ -48,6 +59,34 @@ class VARBase(BaseGenModule):
         super().train(mode)
         self.vqvae.eval()  # frozen tokenizer: never in training mode
         return self
+
+    # ------------------------------------------------------------------------------------------------ frozen bases
+    def frozen_bases(self) -> dict[str, dict | None]:
+        """The bases left out of this module's checkpoints (reloaded from their own files): name → file info
+        (path, sha256) or None for random weights."""
+        infos = {"vqvae": self.vqvae_info, "var": self.var_info}
+        return {name: info for name, info in infos.items() if f"{name}." in self.frozen_prefixes}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["ctrlgen_bases"] = {n: None if i is None else {"path": i["path"], "sha256": i["sha256"]}
+                                       for n, i in self.frozen_bases().items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The checkpoint holds no frozen base: refuse (or warn about) one made on other base files (ecm.md §2.5)."""
+        saved, live = checkpoint.get("ctrlgen_bases") or {}, self.frozen_bases()
+        for name, was in saved.items():
+            now = live.get(name)
+            if name not in live or (was or {}).get("sha256") == (now or {}).get("sha256"):
+                continue
+            msg = (f"this checkpoint was made on the frozen {name} {_describe(was)}, but this run loads "
+                   f"{_describe(now)}: the {name} is not in the checkpoint, so everything it computes would rest on "
+                   f"another base. Point model.init_args.{name}_weights at the original file, or set "
+                   "model.init_args.base_mismatch=warn to go on anyway")
+            if self.base_mismatch == "error":
+                raise ValueError(msg)
+            rank_zero_warn(msg)
+        super().on_load_checkpoint(checkpoint)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -77,7 +116,8 @@ class VARBase(BaseGenModule):
 
 class VARModule(VARBase):
     frozen_prefixes = ("vqvae.",)
-    runtime_args = ("vqvae_weights", "var_weights", "cfg", "top_k", "top_p", "grad_checkpointing", "sampler")
+    runtime_args = ("vqvae_weights", "var_weights", "cfg", "top_k", "top_p", "grad_checkpointing", "sampler",
+                    "base_mismatch")
 
     def __init__(self, var_preset: str = "d16", var_overrides: dict | None = None, var_weights: str | None = None,
                  vqvae_preset: str = "vae_ch160v4096z32", vqvae_overrides: dict | None = None,

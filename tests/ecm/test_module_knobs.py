@@ -1,5 +1,7 @@
 """Knobs of VARModule / ECMModule that pick a speed path: ``grad_checkpointing`` (activation checkpointing) and
 ``sampler`` (eager / static / CUDA-graph sampling for validation grids, test and predict)."""
+import re
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -62,3 +64,41 @@ def test_early_centric_default_per_mode_and_explicit_ablation():
     assert _module("ECMModule", finetune_base=True).early_centric is False
     with pytest.warns(UserWarning, match="truncated sequences"):
         assert _module("ECMModule", finetune_base=True, early_centric=True).early_centric is True
+
+
+def test_checkpoint_records_frozen_bases_and_refuses_another(tmp_path):
+    """ecm.md §2.5: the checkpoint names the frozen bases it left out (path + sha256); loading it on other base files
+    fails naming both (or warns with base_mismatch=warn); the same file loads quietly."""
+    from lightning_modules.ecm.checkpoint import sha256_of
+    from lightning_modules.ecm.var import build_var
+
+    files = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        files[name] = tmp_path / f"var_{name}.pth"
+        torch.save(build_var("tiny", **TINY["var_overrides"]).state_dict(), files[name])
+    m = _module("ECMModule", var_weights=str(files["a"]))
+    ckpt = {"state_dict": m.state_dict()}
+    m.on_save_checkpoint(ckpt)
+    assert ckpt["ctrlgen_bases"] == {"vqvae": None, "var": {"path": str(files["a"]), "sha256": sha256_of(files["a"])}}
+    assert not any(k.startswith(("var.", "vqvae.")) for k in ckpt["state_dict"])
+
+    def load(**kw):
+        c = {**ckpt, "state_dict": dict(ckpt["state_dict"])}
+        _module("ECMModule", **kw).on_load_checkpoint(c)
+        return c
+
+    assert "var.blocks.0.attn.mat_qkv.weight" in load(var_weights=str(files["a"]))["state_dict"]
+    with pytest.raises(ValueError, match=rf"made on the frozen var {re.escape(str(files['a']))} \(sha256 "
+                                         rf"{sha256_of(files['a'])[:12]}…\), but this run loads "
+                                         rf"{re.escape(str(files['b']))}"):
+        load(var_weights=str(files["b"]))
+    with pytest.raises(ValueError, match=r"but this run loads random weights \(no file\)"):
+        load()
+    with pytest.warns(UserWarning, match="base_mismatch=warn to go on anyway"):
+        load(var_weights=str(files["b"]), base_mismatch="warn")
+    # VARModule trains its VAR: only the VQVAE is a frozen base it records
+    v = _module("VARModule", var_weights=str(files["a"]))
+    vck = {"state_dict": v.state_dict()}
+    v.on_save_checkpoint(vck)
+    assert vck["ctrlgen_bases"] == {"vqvae": None}
