@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import random
 import tarfile
 import warnings
 from collections import Counter
@@ -187,11 +188,15 @@ def pack_folder(
     maxcount: int = 1000,
     maxsize: float = 1e9,
     progress: bool = True,
+    shuffle_seed: int | None = 0,
 ) -> dict[str, Any]:
     """Pack an image folder into shards. ``labels`` is an optional JSON {relative path or stem: int | str | dict}.
 
-    Keys are deterministic (sorted relative paths, ``/`` and ``.`` replaced). Unreadable files are listed, skipped and
-    counted in the returned summary; the original bytes are stored (no re-encoding).
+    Keys are deterministic (relative paths, ``/`` and ``.`` replaced). The sorted file list is shuffled with
+    ``shuffle_seed`` (None: sorted order): a class-per-folder tree (ImageNet) would otherwise give one class per shard,
+    and the training stream, which reads a few shards at a time through a shuffle buffer, would see batches of a
+    handful of classes. Unreadable files are listed, skipped and counted in the returned summary; the original bytes
+    are stored (no re-encoding).
     """
     from rich.progress import track
 
@@ -201,6 +206,8 @@ def pack_folder(
     files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
     if not files:
         raise FileNotFoundError(f"pack: no images ({', '.join(IMAGE_EXTS)}) under {str(src)!r}")
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(files)
     meta: dict = {}
     if labels is not None:
         try:

@@ -113,7 +113,8 @@ class CtrlgenCLI(LightningCLI):
 TOOLS_HELP = """
 tool subcommands:
   ctrlgen data synth --world shapes --out DIR [--n-train N --n-val N --n-test N --size PX --seed S]
-  ctrlgen data pack --src IMAGE_DIR --out 'DIR/train-%06d.tar' [--labels labels.json --maxcount N --maxsize BYTES]
+  ctrlgen data pack --src IMAGE_DIR --out 'DIR/train-%06d.tar' [--labels labels.json --maxcount N --maxsize BYTES
+                    --shuffle-seed S (-1: sorted paths)]
   ctrlgen data inspect 'DIR/train-{000000..000009}.tar'
   ctrlgen data refstats --source SHARDS_OR_DIR --out stats.npz --inception /path/to/weights.pth
   ctrlgen demo ecm [--out DIR]

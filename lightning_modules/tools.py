@@ -26,6 +26,8 @@ def _data_parser() -> argparse.ArgumentParser:
     k.add_argument("--labels", default=None, help="JSON {relative path or stem: int label | caption | dict}")
     k.add_argument("--maxcount", type=int, default=10000)
     k.add_argument("--maxsize", type=float, default=1e9)
+    k.add_argument("--shuffle-seed", type=int, default=0, help="order of the files in the shards (-1: sorted paths; "
+                   "keep the default for class-per-folder trees such as ImageNet)")
     i = sub.add_parser("inspect", help="count samples and keys per shard")
     i.add_argument("shards")
     r = sub.add_parser("refstats", help="Inception statistics (.npz) of a dataset for FID")
@@ -54,7 +56,8 @@ def data_main(argv: list[str]) -> None:
     elif args.tool == "pack":
         from datamodules.shards import pack_folder
 
-        rep = pack_folder(args.src, args.out, args.labels, args.maxcount, args.maxsize)
+        rep = pack_folder(args.src, args.out, args.labels, args.maxcount, args.maxsize,
+                          shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed)
         print(f"packed {rep['written']} images into {len(rep['shards'])} shards; skipped {rep['skipped']} unreadable")
         for rel, why in rep["skipped_files"]:
             print(f"  skipped {rel}: {why}")

@@ -154,7 +154,31 @@ def test_pack_folder_lists_and_skips_unreadable(tmp_path):
     names = [n for _, n, _ in first]
     assert "im0.cls" in names and "sub__im1.txt" in names
     keys = list(dict.fromkeys(n.split(".", 1)[0] for n in names))
-    assert keys == ["im0", "im2", "im4", "sub__im1", "sub__im3"]  # sorted relative paths, whatever the dir order
+    assert sorted(keys) == ["im0", "im2", "im4", "sub__im1", "sub__im3"]  # every readable file, once
+    sorted_rep = pack_folder(src, str(tmp_path / "out3" / "p-%06d.tar"), maxcount=2, progress=False, shuffle_seed=None)
+    sorted_keys = list(dict.fromkeys(n.split(".", 1)[0] for _, n, _ in members(sorted_rep["shards"])))
+    assert sorted_keys == ["im0", "im2", "im4", "sub__im1", "sub__im3"]  # sorted relative paths, whatever the dir order
+
+
+def test_pack_folder_mixes_class_folders_across_shards(tmp_path):
+    """A class-per-folder tree (ImageNet's train/<wnid>/) packed with the default seed puts both classes in every
+    shard; in sorted order each shard would hold one class (the stream then draws batches of few classes)."""
+    src = tmp_path / "train"
+    for c in ("n01", "n02"):
+        (src / c).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(shapes.render(0, "train", i, 16)["image"]).save(src / c / f"{c}_{i}.png")
+
+    def classes_per_shard(**kw):
+        rep = pack_folder(src, str(tmp_path / f"o{len(kw)}" / "p-%06d.tar"), maxcount=4, progress=False, **kw)
+        out = []
+        for p in rep["shards"]:
+            with tarfile.open(p) as tf:
+                out.append({m.name.split("__", 1)[0] for m in tf.getmembers()})
+        return out
+
+    assert classes_per_shard(shuffle_seed=None) == [{"n01"}] * 2 + [{"n02"}] * 2
+    assert classes_per_shard() == [{"n01", "n02"}] * 4
 
 
 def test_pack_folder_errors(tmp_path):
