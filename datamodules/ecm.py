@@ -10,6 +10,7 @@ shared edge extractor (the same object the F1 metric uses), so shards need no ``
 from __future__ import annotations
 
 import random
+import zlib
 from typing import Any
 
 import cv2
@@ -67,7 +68,10 @@ class ECMDataModule(BaseWdsDataModule):
         for k in self.required_keys:
             if k not in sample:
                 raise KeyError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} lacks key {k!r}")
-        ctype = rng.randrange(len(self.condition_types)) if stage == "train" else 0
+        n_types = len(self.condition_types)
+        # training: a random type per sample; evaluation: a fixed type per sample key (the same on every rank, worker
+        # and epoch), so every type is evaluated on about 1/n of the images
+        ctype = rng.randrange(n_types) if stage == "train" else zlib.crc32(str(sample["__key__"]).encode()) % n_types
         name = self.condition_types[ctype]
         image = sample[self.image_key]
         if name == "canny" and self.canny_on_the_fly:

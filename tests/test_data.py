@@ -64,6 +64,24 @@ def test_eval_split_is_exact(shapes_shards):
     assert len(keys) == 16 and len(set(keys)) == 16
 
 
+def test_eval_condition_type_fixed_per_key_and_covers_every_type(shapes_shards):
+    """With several condition types, evaluation gives each sample one type chosen by its key (not always type 0):
+    the same on every pass, and each type gets some of the 16 validation images; the map matches the type."""
+    def types():
+        dm = _dm(val_shards=shapes_shards["val"], eval_batch_size=5, condition_types=["canny", "depth"])
+        dm.setup("validate")
+        out = {}
+        for b in dm.val_dataloader():
+            for k, c, cond in zip(b["key"], b["cond_type"].tolist(), b["cond"]):
+                out[k] = c
+                # canny maps are binary (-1 / 1), depth maps are grey levels in between
+                assert (len(cond.unique()) <= 2) == (c == 0), (k, c)
+        return out
+
+    first = types()
+    assert first == types() and set(first.values()) == {0, 1}
+
+
 def test_no_matching_shards_fails_naming_pattern(tmp_path):
     dm = _dm(train_shards=str(tmp_path / "nothing-{000000..000003}.tar"))
     with pytest.raises(FileNotFoundError, match=r"nothing-\{000000\.\.000003\}\.tar"):

@@ -109,22 +109,33 @@ class ECMModule(VARBase):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Teacher-forced CE per scale, then metrics of controlled samples (and of the base without control)."""
         loss = self._step(batch, "test")
-        bs, ecm = len(batch["label"]), self.sample(batch, control=True)
-        if "canny" in self.condition_types:
-            cond_edges = batch["cond"][:, 0] > 0
-            self.f1_ecm.update(ecm, cond_edges)
-            self.log("test/canny_f1", self.f1_ecm, on_epoch=True, batch_size=bs)
+        ecm = self.sample(batch, control=True)
+        canny = self._rows_of(batch, "canny")
+        if canny is not None:  # each metric only on the rows whose condition map is of its type
+            cond_edges = batch["cond"][canny, 0] > 0
+            self.f1_ecm.update(ecm[canny], cond_edges)
+            self.log("test/canny_f1", self.f1_ecm, on_epoch=True, batch_size=len(canny))
             if self.eval_base:
-                self.f1_base.update(self.sample(batch, control=False), cond_edges)
-                self.log("test/canny_f1_base", self.f1_base, on_epoch=True, batch_size=bs)
+                self.f1_base.update(self.sample(batch, control=False)[canny], cond_edges)
+                self.log("test/canny_f1_base", self.f1_base, on_epoch=True, batch_size=len(canny))
                 self.f1_margin.update(self.f1_ecm.last_per_image - self.f1_base.last_per_image)
-        if self.depth_rmse is not None:
-            self.depth_rmse.update(ecm, batch["cond"][:, 0].add(1).div(2))
-            self.log("test/depth_rmse", self.depth_rmse, on_epoch=True, batch_size=bs)
+        depth = self._rows_of(batch, "depth") if self.depth_rmse is not None else None
+        if depth is not None:
+            self.depth_rmse.update(ecm[depth], batch["cond"][depth, 0].add(1).div(2))
+            self.log("test/depth_rmse", self.depth_rmse, on_epoch=True, batch_size=len(depth))
         if self.gen_metrics is not None:
             self.gen_metrics.update(_uint8(batch["image"].add(1).div(2)), real=True)
             self.gen_metrics.update(_uint8(ecm), real=False)
         return loss
+
+    def _rows_of(self, batch: dict[str, Any], name: str) -> torch.Tensor | None:
+        """Indices of the batch rows conditioned on ``name`` (all rows with one type); None when there are none."""
+        if name not in self.condition_types:
+            return None
+        rows = torch.arange(len(batch["label"]), device=batch["cond"].device)
+        if len(self.condition_types) > 1:
+            rows = rows[torch.as_tensor(batch["cond_type"], device=rows.device) == self.condition_types.index(name)]
+        return rows if len(rows) else None
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()  # overall test/loss when there are several test loaders

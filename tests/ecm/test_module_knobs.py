@@ -102,3 +102,29 @@ def test_checkpoint_records_frozen_bases_and_refuses_another(tmp_path):
     vck = {"state_dict": v.state_dict()}
     v.on_save_checkpoint(vck)
     assert vck["ctrlgen_bases"] == {"vqvae": None}
+
+
+def test_test_metrics_score_only_rows_of_their_condition_type(monkeypatch):
+    """With condition_types [depth, canny], canny F1 is computed on the canny rows only (against their maps), and the
+    depth RMSE on the depth rows only; with one type every row counts."""
+    m = _module("ECMModule", condition_types=["depth", "canny"], eval_base=False)
+    g = torch.Generator().manual_seed(0)
+    batch = {"label": torch.arange(4), "cond_type": torch.tensor([0, 1, 1, 0]),
+             "cond": torch.rand(4, 3, 16, 16, generator=g) * 2 - 1, "image": torch.zeros(4, 3, 16, 16)}
+    images = torch.rand(4, 3, 16, 16, generator=g)
+    seen = []
+
+    def spy(pred, cond_edges):
+        seen.append((pred, cond_edges))
+
+    monkeypatch.setattr(m.f1_ecm, "update", spy)  # (torchmetrics binds update per instance)
+    monkeypatch.setattr(m, "_step", lambda b, stage: torch.tensor(0.0))
+    monkeypatch.setattr(m, "sample", lambda b, control: images)
+    monkeypatch.setattr(m, "log", lambda *a, **k: None)
+    m.test_step(batch, 0)
+    (pred, edges), = seen
+    assert torch.equal(pred, images[[1, 2]]) and torch.equal(edges, batch["cond"][[1, 2], 0] > 0)
+    assert m._rows_of(batch, "depth").tolist() == [0, 3] and m._rows_of(batch, "normal") is None
+    one = _module("ECMModule", condition_types=["canny"])
+    assert one._rows_of(batch, "canny").tolist() == [0, 1, 2, 3]  # one type: cond_type is not consulted
+    assert m._rows_of({**batch, "cond_type": torch.zeros(4, dtype=torch.long)}, "canny") is None
