@@ -2,7 +2,8 @@
 
 Shard keys (ecm.md §5): ``jpg`` (or ``png``), ``cls``, ``canny.png``/``depth.png``/``normal.png`` (lossless, computed on
 exactly the stored crop), optional ``vq.npy`` (680 uint16 codes in VAR order) and ``json``. Image and condition share one
-resize + crop (random for training, centre for evaluation); both are returned in [-1, 1], conditions as 3 channels
+resize + crop, VAR-style (shorter side → ``mid_reso`` × resolution, then a random crop for training, the centre for
+evaluation; pre-tokenised samples are used as stored); both are returned in [-1, 1], conditions as 3 channels
 (canny/depth replicated, normal as RGB). With ``canny_on_the_fly`` the canny map is extracted in the workers by the
 shared edge extractor (the same object the F1 metric uses), so shards need no ``canny.png``.
 """
@@ -21,18 +22,24 @@ from datamodules.base import BaseWdsDataModule
 CONDITION_TYPES = ("canny", "depth", "normal")
 
 
-def resize_crop(arrays: list[np.ndarray], size: int, rng: random.Random | None) -> list[np.ndarray]:
-    """Resize the shorter side to ``size`` (area for images, nearest for 1-channel maps) and crop all alike."""
+def resize_crop(arrays: list[np.ndarray], size: int, rng: random.Random | None,
+                mid_reso: float = 1.0) -> list[np.ndarray]:
+    """Resize the shorter side to ``round(mid_reso · size)`` (area when shrinking, Lanczos when enlarging; nearest for
+    1-channel maps) and crop ``size``×``size`` from all alike: at random with ``rng``, else the centre. VAR's
+    ImageNet recipe is ``mid_reso`` 1.125 (shorter side 288, crop 256)."""
     h, w = arrays[0].shape[:2]
     for a in arrays[1:]:
         if a.shape[:2] != (h, w):
             raise ValueError(f"condition map of shape {a.shape[:2]} does not match its image {(h, w)}")
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if mid_reso < 1.0:
+        raise ValueError(f"mid_reso must be >= 1 (resize, then crop), got {mid_reso}")
+    short = max(size, round(size * mid_reso))
+    scale = short / min(h, w)
+    nh, nw = max(short, round(h * scale)), max(short, round(w * scale))
     out = []
     for a in arrays:
         if (nh, nw) != (h, w):
-            interp = cv2.INTER_NEAREST if a.ndim == 2 else (cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+            interp = cv2.INTER_NEAREST if a.ndim == 2 else (cv2.INTER_AREA if scale < 1 else cv2.INTER_LANCZOS4)
             a = cv2.resize(a, (nw, nh), interpolation=interp)
         out.append(a)
     top = rng.randint(0, nh - size) if rng else (nh - size) // 2
@@ -53,8 +60,13 @@ def to_signed(a: np.ndarray) -> np.ndarray:
 class ECMDataModule(BaseWdsDataModule):
     def __init__(self, condition_types: list[str] | None = None, image_key: str = "jpg", canny_on_the_fly: bool = False,
                  edge_extractor: str = "cv2_canny_100_200", pretokenized: bool = False, random_crop: bool = True,
-                 **kwargs: Any):
+                 mid_reso: float = 1.125, **kwargs: Any):
+        """``mid_reso``: the shorter side is first resized to ``mid_reso`` × resolution (VAR: 1.125, i.e. 288 for
+        256), then cropped; 1.0 crops the shorter side whole (e.g. for images rendered at the training size)."""
         super().__init__(**kwargs)
+        if mid_reso < 1.0:
+            raise ValueError(f"data.init_args.mid_reso must be >= 1 (resize, then crop), got {mid_reso}")
+        self.mid_reso = float(mid_reso)
         self.condition_types = list(condition_types or ["canny"])
         bad = [t for t in self.condition_types if t not in CONDITION_TYPES]
         if bad:
@@ -79,7 +91,8 @@ class ECMDataModule(BaseWdsDataModule):
         else:
             cond = sample[f"{name}.png"]
         crop_rng = rng if (stage == "train" and self.random_crop and not self.pretokenized) else None
-        arrays = resize_crop([image] + ([cond] if cond is not None else []), self.resolution, crop_rng)
+        mid = 1.0 if self.pretokenized else self.mid_reso  # pre-tokenised: the stored crop is the crop of the codes
+        arrays = resize_crop([image] + ([cond] if cond is not None else []), self.resolution, crop_rng, mid)
         image = arrays[0]
         if cond is None:
             from lightning_modules.metrics.edges import get_edge_extractor

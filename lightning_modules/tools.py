@@ -42,6 +42,8 @@ def _data_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="a VQVAEModule/ECM config naming the VQVAE")
     t.add_argument("--ckpt", default=None, help="VQVAEModule checkpoint (else the config's vae weights)")
     t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--mid-reso", type=float, default=1.125, help="shorter side → mid-reso × size before the centre "
+                   "crop, as the ECM loader (VAR: 1.125); 1 for shards already cropped to the size")
     return p
 
 
@@ -72,7 +74,7 @@ def data_main(argv: list[str]) -> None:
     elif args.tool == "tokenize":
         from lightning_modules.ecm.tokenize import tokenize_cli
 
-        tokenize_cli(args.shards, args.out, args.config, args.ckpt, args.batch_size)
+        tokenize_cli(args.shards, args.out, args.config, args.ckpt, args.batch_size, mid_reso=args.mid_reso)
 
 
 def demo_main(argv: list[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 import json
 import tarfile
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.ecm import ECMDataModule
+from datamodules.ecm import ECMDataModule, to_signed
 from datamodules.shards import SKIPS, decode_value, encode_png, expand_urls, pack_folder, resolve_shards, write_shards
 from datamodules.synth import shapes
 
@@ -62,6 +63,25 @@ def test_eval_split_is_exact(shapes_shards):
     dm.setup("validate")
     keys = [k for b in dm.val_dataloader() for k in b["key"]]
     assert len(keys) == 16 and len(set(keys)) == 16
+
+
+def test_var_style_crop_augments_square_images_in_training():
+    """mid_reso 1.125 (the default, VAR's): a square image is enlarged to 1.125× and cropped, so training crops move
+    with the seed while evaluation takes the centre; mid_reso 1 crops a square image to itself."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    canny = (rng.random((32, 32)) > 0.8).astype(np.uint8) * 255
+    sample = {"__key__": "k", "jpg": img, "cls": 1, "canny.png": canny}
+    dm = _dm()
+    train = [dm.to_item(dict(sample), random.Random(s), "train")["cond"] for s in range(6)]
+    assert len({c.tobytes() for c in train}) > 1
+    ev = [dm.to_item(dict(sample), random.Random(s), "val")["cond"] for s in range(3)]
+    assert all(np.array_equal(e, ev[0]) for e in ev) and not np.array_equal(ev[0], to_signed(canny))
+    flat = _dm(mid_reso=1.0)
+    assert all(np.array_equal(flat.to_item(dict(sample), random.Random(s), "train")["cond"], to_signed(canny))
+               for s in range(3))
+    with pytest.raises(ValueError, match=r"mid_reso must be >= 1 \(resize, then crop\), got 0.9"):
+        _dm(mid_reso=0.9)
 
 
 def test_eval_condition_type_fixed_per_key_and_covers_every_type(shapes_shards):

@@ -1,11 +1,12 @@
 """``ctrlgen data tokenize``: add pre-computed VQ codes (``vq.npy``) to image shards (ecm.md §5, platform.md §3).
 
-Every sample of the input shards is resized (shorter side → the VQVAE's ``image_size``) and centre-cropped with
+Every sample of the input shards is resized (shorter side → ``mid_reso`` × the VQVAE's ``image_size``; VAR's 1.125 by
+default, the crop ``ECMDataModule`` evaluates on) and centre-cropped with
 :func:`datamodules.ecm.resize_crop`, the function the ECM loader uses, applied to the image **and** every image-typed key
 (``canny.png``, ``depth.png``, ``normal.png``, …) alike, so condition maps and codes describe the same crop. The crop is
 re-encoded (JPEG stays JPEG at ``jpeg_quality``, condition maps stay lossless PNG, 16-bit PNGs stay 16-bit) and the codes
 are computed from the **decoded re-encoded** image, i.e. from exactly the pixels ``ECMDataModule(pretokenized=True)``
-will see. Samples already at the right size keep their original bytes untouched. ``vq.npy`` holds the L codes in VAR
+will see. With ``mid_reso`` 1, samples already at the right size keep their original bytes untouched. ``vq.npy`` holds the L codes in VAR
 order (scale 0 first), uint16 (int32 if the vocabulary exceeds 65,536). All other keys are copied byte for byte.
 
 Output: one output shard per input shard (sample order kept, so equal-sized eval shards stay equal-sized), named
@@ -113,10 +114,11 @@ def find_image_key(sample: dict[str, Any], image_key: str = "auto") -> str:
     raise KeyError(f"sample {sample.get('__key__')!r} has no image ({'/'.join(IMAGE_KEYS)}); keys {keys}")
 
 
-def prepare_sample(raw: dict[str, Any], size: int, image_key: str = "auto",
-                   jpeg_quality: int = 95) -> tuple[dict[str, Any], np.ndarray]:
+def prepare_sample(raw: dict[str, Any], size: int, image_key: str = "auto", jpeg_quality: int = 95,
+                   mid_reso: float = 1.125) -> tuple[dict[str, Any], np.ndarray]:
     """Raw sample (bytes per key) → (output sample without ``vq.npy``, uint8 HWC pixels to tokenise). Raises on a
-    corrupt sample. Image-typed keys share one resize + centre crop; untouched when already ``size``×``size``."""
+    corrupt sample. Image-typed keys share one resize (shorter side → ``mid_reso`` × size) + centre crop: the crop
+    ``ECMDataModule`` evaluates on; untouched when ``mid_reso`` is 1 and the image is already ``size``×``size``."""
     from datamodules.ecm import resize_crop
     from datamodules.shards import decode_image
 
@@ -124,11 +126,11 @@ def prepare_sample(raw: dict[str, Any], size: int, image_key: str = "auto",
     img = decode_image(raw[ikey], "RGB")
     out = {k: v for k, v in raw.items() if not k.startswith("__") and k != "vq.npy"}
     out["__key__"] = raw["__key__"]
-    if img.shape[:2] == (size, size):
+    if img.shape[:2] == (size, size) and mid_reso == 1.0:
         return out, img
     map_keys = [k for k in out if k not in ("__key__", ikey) and _ext(k) in _IMAGE_EXTS]
     maps = [_decode_map(raw[k]) for k in map_keys]
-    cropped = resize_crop([img, *maps], size, None)  # centre crop, the loader's crop for pretokenised data
+    cropped = resize_crop([img, *maps], size, None, mid_reso)  # the loader's centre crop; stored as it is
     out[ikey] = _encode(cropped[0], _ext(ikey), jpeg_quality)
     for k, a in zip(map_keys, cropped[1:]):
         out[k] = _encode(a, _ext(k), jpeg_quality)
@@ -149,8 +151,9 @@ def codes_dtype(vocab_size: int) -> np.dtype:
 class _ShardReader(IterableDataset):
     """Whole shards per worker; yields ("s", shard, sample, pixels) and one ("e", shard, skip counts) per shard."""
 
-    def __init__(self, urls: Sequence[str], size: int, image_key: str, jpeg_quality: int):
+    def __init__(self, urls: Sequence[str], size: int, image_key: str, jpeg_quality: int, mid_reso: float):
         self.urls, self.size, self.image_key, self.jpeg_quality = list(urls), size, image_key, jpeg_quality
+        self.mid_reso = mid_reso
 
     def __iter__(self) -> Iterator[tuple]:
         from datamodules.shards import iter_samples
@@ -169,7 +172,7 @@ class _ShardReader(IterableDataset):
 
             for raw in iter_samples(self.urls[i], handler=handler):
                 try:
-                    sample, pixels = prepare_sample(raw, self.size, self.image_key, self.jpeg_quality)
+                    sample, pixels = prepare_sample(raw, self.size, self.image_key, self.jpeg_quality, self.mid_reso)
                 except Exception as e:  # noqa: BLE001 - any failure makes the sample unusable: skip and count
                     skips[type(e).__name__] += 1
                     examples.setdefault(type(e).__name__, f"{raw.get('__key__')}: {str(e)[:200]}")
@@ -201,8 +204,9 @@ def output_paths(urls: Sequence[str], out: str) -> list[str]:
 def tokenize_cli(shards: str | Sequence[str], out: str, config: str | os.PathLike | dict, ckpt: str | None = None,
                  batch_size: int = 64, *, num_workers: int | None = None, image_key: str = "auto",
                  jpeg_quality: int = 95, device: str | None = None, precision: str = "fp32",
-                 allow_random: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Tokenise ``shards`` into new shards under ``out`` (see module docstring); returns the summary dict."""
+                 allow_random: bool = False, progress: bool = True, mid_reso: float = 1.125) -> dict[str, Any]:
+    """Tokenise ``shards`` into new shards under ``out`` (see module docstring); returns the summary dict.
+    ``mid_reso``: as ``ECMDataModule``'s (VAR: 1.125); 1.0 for shards already cropped to the VQVAE's size."""
     from webdataset import TarWriter
 
     from datamodules.shards import resolve_shards
@@ -218,8 +222,10 @@ def tokenize_cli(shards: str | Sequence[str], out: str, config: str | os.PathLik
     size, L, dtype = vq.image_size, sum(p * p for p in vq.patch_nums), codes_dtype(vq.vocab_size)
     if num_workers is None:
         num_workers = max(0, min(len(urls), (os.cpu_count() or 1) - 1, 8))
-    loader = DataLoader(_ShardReader(urls, size, image_key, jpeg_quality), batch_size=None, num_workers=num_workers,
-                        collate_fn=_identity)
+    if mid_reso < 1.0:
+        raise ValueError(f"tokenize: mid_reso must be >= 1 (resize, then crop), got {mid_reso}")
+    loader = DataLoader(_ShardReader(urls, size, image_key, jpeg_quality, mid_reso), batch_size=None,
+                        num_workers=num_workers, collate_fn=_identity)
 
     writers: dict[int, tuple[Any, Any, str]] = {}
     pending: list[tuple[int, dict, np.ndarray]] = []
@@ -307,7 +313,7 @@ def tokenize_cli(shards: str | Sequence[str], out: str, config: str | os.PathLik
     summary = {
         "shards_in": len(urls), "shards_out": paths, "samples": n_done, "skipped": sum(skips.values()),
         "skipped_by_reason": dict(skips), "skip_examples": examples, "codes_per_sample": L, "codes_dtype": dtype.name,
-        "image_size": size, "vqvae_preset": prov["preset"], "vqvae_overrides": prov["overrides"],
+        "image_size": size, "mid_reso": mid_reso, "vqvae_preset": prov["preset"], "vqvae_overrides": prov["overrides"],
         "weights": prov["weights"], "weights_sha256": (prov["weights_info"] or {}).get("sha256"),
         "device": str(dev), "precision": precision, "num_workers": num_workers, "seconds": round(elapsed, 3),
         "img_per_s": round(n_done / max(loop_s, 1e-9), 2), "samples_per_shard": [per_shard[i] for i in range(len(urls))],
@@ -315,7 +321,7 @@ def tokenize_cli(shards: str | Sequence[str], out: str, config: str | os.PathLik
     meta_dir = Path(paths[0]).parent
     (meta_dir / "tokenize.json").write_text(json.dumps(summary, indent=1))
     print(f"tokenize: {n_done:,} samples -> {len(paths)} shards in {meta_dir} ({L} codes/sample as {dtype.name} "
-          f"vq.npy, {size}px centre crop, VQVAE {prov['preset']} from {prov['weights']}), {elapsed:.1f} s "
+          f"vq.npy, {size}px centre crop of {max(size, round(size * mid_reso))}px, VQVAE {prov['preset']} from {prov['weights']}), {elapsed:.1f} s "
           f"({summary['img_per_s']:.1f} img/s on {dev}, {precision}, {num_workers} reader worker(s))")
     if skips:
         print(f"tokenize: skipped {sum(skips.values())} corrupt sample(s): "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,7 @@ def setup(tmp_path_factory):
     cfg.write_text(yaml.safe_dump({"model": {"class_path": "lightning_modules.ecm.VQVAEModule",
                                              "init_args": {"preset": "demo32"}}}))
     summary = tokenize_cli(str(d / "src" / "train-{000000..000002}.tar"), str(d / "out"), str(cfg), str(ckpt),
-                           batch_size=N_PER_SHARD, num_workers=0, progress=False)
+                           batch_size=N_PER_SHARD, num_workers=0, progress=False, mid_reso=1.0)
     return {"dir": d, "vq": vq.eval(), "ckpt": str(ckpt), "summary": summary,
             "out": str(d / "out" / "train-{000000..000001}.tar")}
 
@@ -97,9 +98,32 @@ def test_codes_equal_img_to_idx_of_the_stored_crop(setup):
             else:  # cropped: the canny map is the same centre crop of the original map
                 canny = np.asarray(Image.open(io.BytesIO(orig["canny.png"])))
                 img = decode_image(orig["jpg"])
-                want = resize_crop([img, canny], SIZE, None)[1]
+                want = resize_crop([img, canny], SIZE, None, 1.0)[1]
                 got = np.asarray(Image.open(io.BytesIO(r["canny.png"])))
                 assert got.shape == (SIZE, SIZE) and np.array_equal(got, want)
+
+
+def test_default_crop_is_vars_centre_crop_of_the_loader():
+    """Default mid_reso 1.125 (VAR): the stored crop is the centre SIZE crop of the image resized to 1.125 × SIZE on
+    its shorter side, exactly what ECMDataModule evaluates on; a SIZE × SIZE image is zoomed too (not kept)."""
+    from lightning_modules.ecm.tokenize import prepare_sample
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (SIZE + 8, SIZE + 24, 3), dtype=np.uint8)
+    canny = (rng.random(img.shape[:2]) > 0.8).astype(np.uint8) * 255
+    raw = {"__key__": "k", "png": encode_png(img), "canny.png": encode_png(canny), "cls": b"1"}
+    out, pixels = prepare_sample(raw, SIZE, "auto", 95)
+    want_img, want_map = resize_crop([img, canny], SIZE, None, 1.125)
+    assert np.array_equal(pixels, want_img) and np.array_equal(np.asarray(Image.open(io.BytesIO(out["canny.png"]))),
+                                                               want_map)
+    assert not np.array_equal(want_map, resize_crop([img, canny], SIZE, None, 1.0)[1])  # the zoom is visible
+    dm = ECMDataModule(condition_types=["canny"], resolution=SIZE, batch_size=1, num_workers=0, image_key="png")
+    item = dm.to_item({"__key__": "k", "png": img, "canny.png": canny, "cls": 1}, random.Random(0), "test")
+    assert np.array_equal(item["image"], to_signed(want_img)) and np.array_equal(item["cond"], to_signed(want_map))
+    square = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    raw = {"__key__": "s", "png": encode_png(square), "cls": b"1"}
+    assert prepare_sample(raw, SIZE, "auto", 95)[0]["png"] != raw["png"]
+    assert prepare_sample(raw, SIZE, "auto", 95, mid_reso=1.0)[0]["png"] == raw["png"]
 
 
 def test_config_variants():
@@ -174,7 +198,7 @@ def test_worker_path_and_pattern_output(setup, tmp_path):
     d = setup["dir"]
     s = tokenize_cli(str(d / "src" / "train-000001.tar"), str(tmp_path / "p-%03d.tar"),
                      {"model": {"init_args": {"vqvae_preset": "demo32"}}}, setup["ckpt"], batch_size=5,
-                     num_workers=1, progress=False)
+                     num_workers=1, progress=False, mid_reso=1.0)
     assert s["samples"] == N_PER_SHARD and s["skipped"] == 0
     a, b = _samples(tmp_path / "p-000.tar"), _samples(d / "out" / "train-000001.tar")
     assert [r["__key__"] for r in a] == [r["__key__"] for r in b]

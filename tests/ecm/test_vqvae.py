@@ -151,7 +151,8 @@ def test_latent_size_mismatch_raises(tiny):
 
 
 def test_token_maths_ignores_autocast(tiny):
-    img = torch.rand(2, 3, 64, 64) * 2 - 1
+    # 8 seeded images: the bf16 encoder changes some code for all of 20 seeds tried (for 19 of 20 with 2 images)
+    img = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     idx = tiny.img_to_idx(img)
     # tokenising under the trainer's bf16 autocast gives the fp32 codes (the encoder is shielded); the encoder itself
     # under autocast would pick other codes (positive control: the shield is what makes them equal)
