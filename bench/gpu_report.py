@@ -13,6 +13,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 
 OFFICIAL = {"train_all": 387.0, "train_8": 1087.0, "sample": 145.0}
 
@@ -32,7 +33,7 @@ def ratio_rows(cases: dict, num: str, den: str, suffixes: list[str]) -> list[tup
     return out
 
 
-def sampler_verified(checks: dict, batch) -> callable:
+def sampler_verified(checks: dict, batch: int | None) -> Callable[[str], bool]:
     """``keep`` for the sampling target: eager (the reference), the ``_fd`` cases (built by gpu_ecm.py from checked
     modes and decoders only) and the modes whose ``sample_check_{base,ecm}_b{batch}_{mode}`` both passed."""
     def keep(name: str) -> bool:
