@@ -128,3 +128,22 @@ def test_test_metrics_score_only_rows_of_their_condition_type(monkeypatch):
     one = _module("ECMModule", condition_types=["canny"])
     assert one._rows_of(batch, "canny").tolist() == [0, 1, 2, 3]  # one type: cond_type is not consulted
     assert m._rows_of({**batch, "cond_type": torch.zeros(4, dtype=torch.long)}, "canny") is None
+
+
+def test_data_and_model_must_agree_on_condition_types_and_extractor():
+    """The type order is the type-embedding index and the metric routing; with canny_on_the_fly the loader's extractor
+    must be the metric's. A mismatch fails at setup, before training, naming both settings."""
+    from datamodules.ecm import ECMDataModule
+
+    m = _module("ECMModule", condition_types=["canny", "depth"])
+
+    def dm(**kw):
+        return ECMDataModule(resolution=16, batch_size=1, num_workers=0, **kw)
+
+    m.check_datamodule(dm(condition_types=["canny", "depth"]))
+    with pytest.raises(ValueError, match=re.escape("data.init_args.condition_types ['depth', 'canny'] differs from "
+                                                   "model.init_args.condition_types ['canny', 'depth']")):
+        m.check_datamodule(dm(condition_types=["depth", "canny"]))
+    m.check_datamodule(dm(condition_types=["canny", "depth"], edge_extractor="other"))  # maps read from the shards
+    with pytest.raises(ValueError, match=r"data.init_args.edge_extractor 'other' differs from model.init_args.edge_"):
+        m.check_datamodule(dm(condition_types=["canny", "depth"], edge_extractor="other", canny_on_the_fly=True))
