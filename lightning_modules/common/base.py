@@ -27,6 +27,15 @@ def global_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", "0"))
 
 
+def batch_seed(seed: int, rank: int, *counters: int) -> int:
+    """A seed for one training batch of one rank: different across ranks and batches, and the same again when a
+    resumed run reaches that batch (``counters``: e.g. epoch, batch index, optimizer step)."""
+    mixed = (int(seed) * 0x9E3779B1 + int(rank) * 0x7FEB352D + 0x165667B1) % (2**63 - 1)
+    for c in counters:
+        mixed = (mixed * 0x85EBCA77 + int(c) + 0x27D4EB2F) % (2**63 - 1)
+    return mixed
+
+
 def count_params(params: Iterable[torch.nn.Parameter]) -> int:
     return sum(p.numel() for p in params)
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_modules.common.base import BaseGenModule, decay_groups
+from lightning_modules.common.base import BaseGenModule, batch_seed, decay_groups, global_seed
 from lightning_modules.ecm.bases import check_compatible, make_var, make_vqvae
 from lightning_modules.ecm.losses import token_ce
 from lightning_modules.ecm.var import SAMPLERS
@@ -59,6 +59,13 @@ class VARBase(BaseGenModule):
         super().train(mode)
         self.vqvae.eval()  # frozen tokenizer: never in training mode
         return self
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Re-seed torch's global RNG per (seed, rank, epoch, batch, step): class dropout, control dropout and
+        drop-path draw from it (inside compiled regions, hence no generator argument). Lightning seeds every rank
+        alike, so every rank would drop the same batch positions, and a resumed run would redraw from the seed instead
+        of from where the interrupted run was."""
+        torch.manual_seed(batch_seed(global_seed(), self.global_rank, self.current_epoch, batch_idx, self.global_step))
 
     # ------------------------------------------------------------------------------------------------ frozen bases
     def frozen_bases(self) -> dict[str, dict | None]:

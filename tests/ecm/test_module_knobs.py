@@ -147,3 +147,25 @@ def test_data_and_model_must_agree_on_condition_types_and_extractor():
     m.check_datamodule(dm(condition_types=["canny", "depth"], edge_extractor="other"))  # maps read from the shards
     with pytest.raises(ValueError, match=r"data.init_args.edge_extractor 'other' differs from model.init_args.edge_"):
         m.check_datamodule(dm(condition_types=["canny", "depth"], edge_extractor="other", canny_on_the_fly=True))
+
+
+def test_dropout_draws_differ_across_ranks_and_repeat_per_batch(monkeypatch):
+    """Class dropout, control dropout and drop-path draw from torch's global RNG; VARBase re-seeds it per (seed, rank,
+    epoch, batch, step) before every training batch, so ranks drop different rows (Lightning seeds every rank alike)
+    and the same batch of the same rank draws the same again."""
+    from lightning_modules.common.base import batch_seed
+    from lightning_modules.ecm.var import drop_labels
+
+    m = _module("VARModule")
+    labels = torch.arange(64)
+
+    def dropped(rank: int, batch_idx: int) -> torch.Tensor:
+        monkeypatch.setattr(type(m), "global_rank", property(lambda self: rank))
+        m.on_train_batch_start({}, batch_idx)
+        return drop_labels(labels, 0.5, 1000) == 1000
+
+    a = dropped(0, 3)
+    assert torch.equal(dropped(0, 3), a) and 0 < int(a.sum()) < 64
+    assert not torch.equal(dropped(1, 3), a) and not torch.equal(dropped(0, 4), a)
+    seeds = {batch_seed(7, r, e, b, s) for r in range(2) for e in range(2) for b in range(3) for s in range(3)}
+    assert len(seeds) == 36 and all(0 <= x < 2**63 for x in seeds)
