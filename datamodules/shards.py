@@ -41,14 +41,14 @@ def expand_urls(spec: str | Sequence[str] | None) -> list[str]:
                 parts.extend(braceexpand.braceexpand(piece))
     urls: list[str] = []
     for p in parts:
-        if _is_remote(p) or not any(c in p for c in "*?["):
+        if is_remote(p) or not any(c in p for c in "*?["):
             urls.append(p)
         else:
             urls.extend(sorted(glob.glob(os.path.expanduser(p))))
     return urls
 
 
-def _is_remote(url: str) -> bool:
+def is_remote(url: str) -> bool:
     return url.startswith(("pipe:", "http://", "https://", "gs:", "hf:", "ais:"))
 
 
@@ -57,7 +57,7 @@ def resolve_shards(spec: str | Sequence[str] | None, what: str) -> list[str]:
     urls = expand_urls(spec)
     if not urls:
         raise FileNotFoundError(f"{what}: no shards match {spec!r} (after brace and glob expansion)")
-    local = [u for u in urls if not _is_remote(u)]
+    local = [u for u in urls if not is_remote(u)]
     missing = [u for u in local if not os.path.exists(u.removeprefix("file:"))]
     if missing and len(missing) == len(local) and len(local) == len(urls):
         raise FileNotFoundError(f"{what}: no shards found for pattern {spec!r}; e.g. {missing[0]!r} does not exist")
@@ -74,7 +74,7 @@ def iter_samples(url: str, handler=wds.reraise_exception):
 def check_required_keys(urls: list[str], required: Iterable[str], what: str, max_samples: int = 64) -> None:
     """Open the first local shard; a required key that no sample carries is a config error (names file and key)."""
     required = list(required)
-    local = [u for u in urls if not _is_remote(u)]
+    local = [u for u in urls if not is_remote(u)]
     if not required or not local:
         return
     path = local[0].removeprefix("file:")

@@ -6,6 +6,8 @@ out of this module's checkpoints. Data are images (tokenised on the fly) or pre-
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -97,10 +99,40 @@ class VARBase(BaseGenModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None:
+            self.check_pretokenized(dm)
         dev = self.trainer.strategy.root_device
         if self.sample_kwargs["sampler"] == "graph" and dev.type != "cuda":
             raise ValueError(f"model.init_args.sampler 'graph' captures CUDA graphs and needs a CUDA device; this run "
                              f"is on {dev} (use 'static': the same tokens without graphs)")
+
+    def check_pretokenized(self, dm: Any) -> None:
+        """Pre-tokenised shards must hold this run's VQVAE's codes: ``tokenize.json`` beside them records the sha256
+        of the weights that made them (``ctrlgen data tokenize``). A mismatch fails (or warns, ``base_mismatch``)."""
+        if not getattr(dm, "pretokenized", False):
+            return
+        from datamodules.shards import expand_urls, is_remote
+
+        live = (self.vqvae_info or {}).get("sha256")
+        for split, spec in getattr(dm, "shards", {}).items():
+            urls = expand_urls(spec) if spec else []
+            dirs = {Path(u.removeprefix("file:")).parent for u in urls if not is_remote(u)}
+            for meta in sorted(d / "tokenize.json" for d in dirs):
+                if not meta.is_file():
+                    rank_zero_warn(f"data.init_args.{split}_shards: no {meta} to check which VQVAE made the codes")
+                    continue
+                rec = json.loads(meta.read_text())
+                sha = rec.get("weights_sha256")
+                if sha is not None and sha == live:
+                    continue
+                made_by = _describe({"path": rec.get("weights"), "sha256": sha} if sha else None)
+                msg = (f"data.init_args.{split}_shards: {meta} records codes of the VQVAE {made_by}, but this run's "
+                       f"VQVAE is {_describe(self.vqvae_info)}: tokenise again with it, or set "
+                       "model.init_args.base_mismatch=warn")
+                if self.base_mismatch == "error":
+                    raise ValueError(msg)
+                rank_zero_warn(msg)
 
     def tokens(self, batch: dict[str, Any], last_si: int | None = None) -> list[torch.Tensor]:
         if "codes" in batch:

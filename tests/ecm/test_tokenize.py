@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +204,28 @@ def test_worker_path_and_pattern_output(setup, tmp_path):
     a, b = _samples(tmp_path / "p-000.tar"), _samples(d / "out" / "train-000001.tar")
     assert [r["__key__"] for r in a] == [r["__key__"] for r in b]
     assert [r["vq.npy"] for r in a] == [r["vq.npy"] for r in b]
+
+
+def test_pretokenized_shards_must_come_from_the_runs_vqvae(setup, tmp_path):
+    """tokenize.json beside the shards records the sha256 of the VQVAE weights that made the codes; a run that trains
+    from them with another VQVAE (or a random one) fails at setup naming both (base_mismatch=warn goes on)."""
+    from lightning_modules.ecm import VARModule
+
+    common = {"var_preset": "tiny", "vqvae_preset": "demo32",
+              "var_overrides": {"embed_dim": 64, "num_heads": 2, "depth": 2}}
+    dm = ECMDataModule(train_shards=setup["out"], resolution=SIZE, batch_size=2, num_workers=0, pretokenized=True)
+    VARModule(**common, vqvae_weights=setup["ckpt"]).check_pretokenized(dm)  # the tokeniser's own weights
+    other = tmp_path / "other.ckpt"
+    torch.manual_seed(5)
+    torch.save({"state_dict": {f"vqvae.{k}": v for k, v in build_vqvae("demo32").state_dict().items()}}, other)
+    meta = re.escape(str(setup["dir"] / "out" / "tokenize.json"))
+    with pytest.raises(ValueError, match=rf"data.init_args.train_shards: {meta} records codes of the VQVAE "
+                                         rf"{re.escape(setup['ckpt'])} \(sha256 \w{{12}}…\), but this run's VQVAE is "
+                                         rf"{re.escape(str(other))}"):
+        VARModule(**common, vqvae_weights=str(other)).check_pretokenized(dm)
+    with pytest.raises(ValueError, match=r"but this run's VQVAE is random weights \(no file\)"):
+        VARModule(**common).check_pretokenized(dm)
+    with pytest.warns(UserWarning, match="tokenise again with it"):
+        VARModule(**common, vqvae_weights=str(other), base_mismatch="warn").check_pretokenized(dm)
+    on_the_fly = ECMDataModule(train_shards=setup["out"], resolution=SIZE, batch_size=2, num_workers=0)
+    VARModule(**common, vqvae_weights=str(other)).check_pretokenized(on_the_fly)  # codes unused: nothing to check
