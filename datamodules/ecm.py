@@ -22,6 +22,12 @@ from datamodules.base import BaseWdsDataModule
 CONDITION_TYPES = ("canny", "depth", "normal")
 
 
+def check_mid_reso(mid_reso: float, what: str = "mid_reso") -> float:
+    if mid_reso < 1.0:
+        raise ValueError(f"{what} must be >= 1 (resize, then crop), got {mid_reso}")
+    return float(mid_reso)
+
+
 def resize_crop(arrays: list[np.ndarray], size: int, rng: random.Random | None,
                 mid_reso: float = 1.0) -> list[np.ndarray]:
     """Resize the shorter side to ``round(mid_reso · size)`` (area when shrinking, Lanczos when enlarging; nearest for
@@ -31,9 +37,7 @@ def resize_crop(arrays: list[np.ndarray], size: int, rng: random.Random | None,
     for a in arrays[1:]:
         if a.shape[:2] != (h, w):
             raise ValueError(f"condition map of shape {a.shape[:2]} does not match its image {(h, w)}")
-    if mid_reso < 1.0:
-        raise ValueError(f"mid_reso must be >= 1 (resize, then crop), got {mid_reso}")
-    short = max(size, round(size * mid_reso))
+    short = max(size, round(size * check_mid_reso(mid_reso)))
     scale = short / min(h, w)
     nh, nw = max(short, round(h * scale)), max(short, round(w * scale))
     out = []
@@ -64,9 +68,7 @@ class ECMDataModule(BaseWdsDataModule):
         """``mid_reso``: the shorter side is first resized to ``mid_reso`` × resolution (VAR: 1.125, i.e. 288 for
         256), then cropped; 1.0 crops the shorter side whole (e.g. for images rendered at the training size)."""
         super().__init__(**kwargs)
-        if mid_reso < 1.0:
-            raise ValueError(f"data.init_args.mid_reso must be >= 1 (resize, then crop), got {mid_reso}")
-        self.mid_reso = float(mid_reso)
+        self.mid_reso = check_mid_reso(mid_reso, "data.init_args.mid_reso")
         self.condition_types = list(condition_types or ["canny"])
         bad = [t for t in self.condition_types if t not in CONDITION_TYPES]
         if bad:

@@ -5,7 +5,8 @@
 - One ``model_step(batch, stage)`` per module returning ``{"loss": ..., <scalars to log>}``; train/val/test steps log it.
 - Per-rank sampling generator ``self.gen`` seeded with ``seed * world_size + global_rank`` (the DiT rule): right for noise,
   timesteps and rollouts, which must differ across ranks; Lightning's global seed keeps init identical across ranks.
-  Its state travels in checkpoints, so a resumed run continues the same random stream.
+  Its state travels in checkpoints, so a resumed run continues the same random stream. Before every training batch
+  torch's global RNG (dropout-like draws) is re-seeded per (seed, rank, step, micro-batch), so it differs across ranks.
 - Frozen bases (``frozen_prefixes``) stay out of checkpoints: they are reloaded from their own files by the config.
   What trains inside a frozen base stays in: keys of trainable parameters (``requires_grad`` or in an optimizer, e.g.
   peft LoRA weights ``unet.<path>.lora_A.<adapter>.weight``) and keys matching ``keep_in_checkpoint`` are kept.
@@ -103,6 +104,15 @@ class BaseGenModule(L.LightningModule):
             if self._gen_state is not None:
                 self.gen.set_state(self._gen_state)
         return self.gen
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Re-seed torch's global RNG per (seed, rank, optimizer step, micro-batch) before every training batch:
+        dropout-like draws (class/control dropout, drop-path, ``nn.Dropout``) use it, often inside compiled regions
+        that take no generator. Lightning seeds every rank alike, so otherwise every rank would drop the same batch
+        positions. The step counter is restored exactly on resume (epoch and batch index are not, after a checkpoint
+        written at train end in the middle of an epoch)."""
+        micro = batch_idx % max(1, getattr(self._trainer, "accumulate_grad_batches", 1) or 1)
+        torch.manual_seed(batch_seed(global_seed(), self.global_rank, self.global_step, micro))
 
     def on_train_start(self) -> None:
         # re-apply the checkpoint's generator state after the sanity check, which may have drawn from it

@@ -87,15 +87,10 @@ class ECMModule(VARBase):
         return decay_groups(((n, p) for n, p in self.named_parameters() if not n.startswith("vqvae.")), _NO_DECAY)
 
     # ------------------------------------------------------------------------------------------------------ steps
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None:
-            self.check_datamodule(dm)
-
     def check_datamodule(self, dm: Any) -> None:
         """Data and model must agree on the condition types (their order is the type-embedding index and the metric
         routing) and, when the loader extracts canny maps itself, on the edge extractor (the F1 metric's)."""
+        super().check_datamodule(dm)
         pairs = [("condition_types", self.condition_types)]
         if getattr(dm, "canny_on_the_fly", False):
             pairs.append(("edge_extractor", self.edge_extractor))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_modules.common.base import BaseGenModule, batch_seed, decay_groups, global_seed
+from lightning_modules.common.base import BaseGenModule, decay_groups
 from lightning_modules.ecm.bases import check_compatible, make_var, make_vqvae
 from lightning_modules.ecm.losses import token_ce
 from lightning_modules.ecm.var import SAMPLERS
@@ -62,13 +62,6 @@ class VARBase(BaseGenModule):
         self.vqvae.eval()  # frozen tokenizer: never in training mode
         return self
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Re-seed torch's global RNG per (seed, rank, epoch, batch, step): class dropout, control dropout and
-        drop-path draw from it (inside compiled regions, hence no generator argument). Lightning seeds every rank
-        alike, so every rank would drop the same batch positions, and a resumed run would redraw from the seed instead
-        of from where the interrupted run was."""
-        torch.manual_seed(batch_seed(global_seed(), self.global_rank, self.current_epoch, batch_idx, self.global_step))
-
     # ------------------------------------------------------------------------------------------------ frozen bases
     def frozen_bases(self) -> dict[str, dict | None]:
         """The bases left out of this module's checkpoints (reloaded from their own files): name → file info
@@ -92,20 +85,28 @@ class VARBase(BaseGenModule):
                    f"{_describe(now)}: the {name} is not in the checkpoint, so everything it computes would rest on "
                    f"another base. Point model.init_args.{name}_weights at the original file, or set "
                    "model.init_args.base_mismatch=warn to go on anyway")
-            if self.base_mismatch == "error":
-                raise ValueError(msg)
-            rank_zero_warn(msg)
+            self.base_mismatch_found(msg)
         super().on_load_checkpoint(checkpoint)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None:
-            self.check_pretokenized(dm)
+            self.check_datamodule(dm)
         dev = self.trainer.strategy.root_device
         if self.sample_kwargs["sampler"] == "graph" and dev.type != "cuda":
             raise ValueError(f"model.init_args.sampler 'graph' captures CUDA graphs and needs a CUDA device; this run "
                              f"is on {dev} (use 'static': the same tokens without graphs)")
+
+    def base_mismatch_found(self, msg: str) -> None:
+        """A checkpoint or pre-tokenised data made on other base files: fail, or warn with ``base_mismatch=warn``."""
+        if self.base_mismatch == "error":
+            raise ValueError(msg)
+        rank_zero_warn(msg)
+
+    def check_datamodule(self, dm: Any) -> None:
+        """Run at ``setup`` against the trainer's datamodule (before training): the data must fit this module."""
+        self.check_pretokenized(dm)
 
     def check_pretokenized(self, dm: Any) -> None:
         """Pre-tokenised shards must hold this run's VQVAE's codes: ``tokenize.json`` beside them records the sha256
@@ -127,12 +128,9 @@ class VARBase(BaseGenModule):
                 if sha is not None and sha == live:
                     continue
                 made_by = _describe({"path": rec.get("weights"), "sha256": sha} if sha else None)
-                msg = (f"data.init_args.{split}_shards: {meta} records codes of the VQVAE {made_by}, but this run's "
-                       f"VQVAE is {_describe(self.vqvae_info)}: tokenise again with it, or set "
-                       "model.init_args.base_mismatch=warn")
-                if self.base_mismatch == "error":
-                    raise ValueError(msg)
-                rank_zero_warn(msg)
+                self.base_mismatch_found(
+                    f"data.init_args.{split}_shards: {meta} records codes of the VQVAE {made_by}, but this run's VQVAE "
+                    f"is {_describe(self.vqvae_info)}: tokenise again with it, or set model.init_args.base_mismatch=warn")
 
     def tokens(self, batch: dict[str, Any], last_si: int | None = None) -> list[torch.Tensor]:
         if "codes" in batch:

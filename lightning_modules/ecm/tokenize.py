@@ -209,6 +209,7 @@ def tokenize_cli(shards: str | Sequence[str], out: str, config: str | os.PathLik
     ``mid_reso``: as ``ECMDataModule``'s (VAR: 1.125); 1.0 for shards already cropped to the VQVAE's size."""
     from webdataset import TarWriter
 
+    from datamodules.ecm import check_mid_reso
     from datamodules.shards import resolve_shards
 
     t0 = time.perf_counter()
@@ -222,8 +223,7 @@ def tokenize_cli(shards: str | Sequence[str], out: str, config: str | os.PathLik
     size, L, dtype = vq.image_size, sum(p * p for p in vq.patch_nums), codes_dtype(vq.vocab_size)
     if num_workers is None:
         num_workers = max(0, min(len(urls), (os.cpu_count() or 1) - 1, 8))
-    if mid_reso < 1.0:
-        raise ValueError(f"tokenize: mid_reso must be >= 1 (resize, then crop), got {mid_reso}")
+    check_mid_reso(mid_reso, "tokenize: mid_reso")
     loader = DataLoader(_ShardReader(urls, size, image_key, jpeg_quality, mid_reso), batch_size=None,
                         num_workers=num_workers, collate_fn=_identity)
 

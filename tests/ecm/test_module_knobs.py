@@ -150,18 +150,19 @@ def test_data_and_model_must_agree_on_condition_types_and_extractor():
 
 
 def test_dropout_draws_differ_across_ranks_and_repeat_per_batch(monkeypatch):
-    """Class dropout, control dropout and drop-path draw from torch's global RNG; VARBase re-seeds it per (seed, rank,
-    epoch, batch, step) before every training batch, so ranks drop different rows (Lightning seeds every rank alike)
-    and the same batch of the same rank draws the same again."""
+    """Class dropout, control dropout and drop-path draw from torch's global RNG; BaseGenModule re-seeds it per (seed,
+    rank, optimizer step, micro-batch) before every training batch, so ranks drop different rows (Lightning seeds
+    every rank alike) and the same step of the same rank draws the same again (also after a resume)."""
     from lightning_modules.common.base import batch_seed
     from lightning_modules.ecm.var import drop_labels
 
     m = _module("VARModule")
     labels = torch.arange(64)
 
-    def dropped(rank: int, batch_idx: int) -> torch.Tensor:
+    def dropped(rank: int, step: int) -> torch.Tensor:
         monkeypatch.setattr(type(m), "global_rank", property(lambda self: rank))
-        m.on_train_batch_start({}, batch_idx)
+        monkeypatch.setattr(type(m), "global_step", property(lambda self: step))
+        m.on_train_batch_start({}, 0)
         return drop_labels(labels, 0.5, 1000) == 1000
 
     a = dropped(0, 3)
