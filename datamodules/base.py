@@ -12,6 +12,7 @@ Corrupt samples are skipped and counted (``datamodules.shards.SKIPS``; logged by
 
 from __future__ import annotations
 
+import math
 import random
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -195,18 +196,38 @@ class ResumableDataModule(BaseDataModule):
     """
 
     def __init__(self, batch_size: int = 8, num_workers: int = 2, resolution: int = 256, seed: int = 0,
-                 train_batches_per_epoch: int = 1000):
+                 train_batches_per_epoch: int | None = None, train_samples_per_epoch: int | None = None):
+        """An epoch is ``train_batches_per_epoch`` batches per rank (default 1000), or, with
+        ``train_samples_per_epoch``, ⌈samples / (batch_size × world size)⌉ batches per rank: one pass over that many
+        samples on any number of GPUs (e.g. 1,281,167 for ImageNet-1k)."""
         super().__init__(batch_size=batch_size, num_workers=num_workers, resolution=resolution, seed=seed)
-        self.train_batches_per_epoch = train_batches_per_epoch
+        if train_batches_per_epoch is not None and train_samples_per_epoch is not None:
+            raise ValueError(f"data.init_args: give train_batches_per_epoch ({train_batches_per_epoch}) or "
+                             f"train_samples_per_epoch ({train_samples_per_epoch}), not both (set the other to null)")
+        for key, v in (("train_batches_per_epoch", train_batches_per_epoch),
+                       ("train_samples_per_epoch", train_samples_per_epoch)):
+            if v is not None and int(v) < 1:
+                raise ValueError(f"data.init_args.{key} must be >= 1, got {v}")
+        self.train_batches_per_epoch = 1000 if train_batches_per_epoch is None and train_samples_per_epoch is None \
+            else train_batches_per_epoch
+        self.train_samples_per_epoch = train_samples_per_epoch
         self._epoch, self._consumed = 0, 0  # stream epoch being read, batches of it consumed (saved in checkpoints)
         self._resume: dict[str, int] | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Training batches per epoch per rank (``train_samples_per_epoch`` resolved with this run's world size)."""
+        if self.train_samples_per_epoch is None:
+            return int(self.train_batches_per_epoch)
+        _, world = self.rank_and_world
+        return max(1, math.ceil(self.train_samples_per_epoch / (self.batch_size * world)))
 
     def resume_position(self) -> tuple[int, int]:
         """(epoch to start the training stream at, batches of it to skip); consumes the loaded checkpoint state."""
         epoch, skip = 0, 0
         if self._resume:
             epoch, skip = self._resume["epoch"], self._resume["consumed"]
-            if skip >= self.train_batches_per_epoch:
+            if skip >= self.batches_per_epoch:
                 epoch, skip = epoch + 1, 0
             self._resume = None
         return epoch, skip
@@ -221,7 +242,7 @@ class ResumableDataModule(BaseDataModule):
         def on_epoch(consumed: int) -> None:
             self._epoch, self._consumed = next(passes), consumed
 
-        return _EpochLoader(loader, self.train_batches_per_epoch, skip, on_epoch=on_epoch)
+        return _EpochLoader(loader, self.batches_per_epoch, skip, on_epoch=on_epoch)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         t = self.trainer
@@ -258,9 +279,11 @@ class BaseWdsDataModule(ResumableDataModule):
     def __init__(self, train_shards: str | list[str] | None = None, val_shards: str | list[str] | None = None,
                  test_shards: str | list[str] | None = None, predict_shards: str | list[str] | None = None,
                  batch_size: int = 8, num_workers: int = 2, resolution: int = 256, seed: int = 0,
-                 train_batches_per_epoch: int = 1000, shuffle_buffer: int = 500, eval_batch_size: int | None = None):
+                 train_batches_per_epoch: int | None = None, train_samples_per_epoch: int | None = None,
+                 shuffle_buffer: int = 500, eval_batch_size: int | None = None):
         super().__init__(batch_size=batch_size, num_workers=num_workers, resolution=resolution, seed=seed,
-                         train_batches_per_epoch=train_batches_per_epoch)
+                         train_batches_per_epoch=train_batches_per_epoch,
+                         train_samples_per_epoch=train_samples_per_epoch)
         self.shards = {"train": train_shards, "val": val_shards, "test": test_shards, "predict": predict_shards}
         self.shuffle_buffer = shuffle_buffer
         self.eval_batch_size = eval_batch_size or batch_size

@@ -5,7 +5,7 @@ data:
   class_path: datamodules.multi.MultiStreamDataModule
   init_args:
     batch_size: 8                      # default batch size of every stream and of the mixed stream
-    train_batches_per_epoch: 1000      # per rank, the same for every stream
+    train_batches_per_epoch: 1000      # per rank, the same for every stream (or train_samples_per_epoch: N)
     streams:
       prompts: {train_shards: "/d/prompts-{000000..000003}.tar", keys: {json: meta}, batch_size: 4}
       shallow: {train_shards: "/d/shallow-{000000..000099}.tar", keys: {jpg: image, json: exif}}
@@ -115,9 +115,11 @@ class MultiStreamDataModule(ResumableDataModule):
 
     def __init__(self, streams: dict[str, dict[str, Any]], mix: dict[str, float] | None = None, mix_name: str = "mix",
                  batch_size: int = 8, num_workers: int = 2, resolution: int = 256, seed: int = 0,
-                 train_batches_per_epoch: int = 1000, shuffle_buffer: int = 500):
+                 train_batches_per_epoch: int | None = None, train_samples_per_epoch: int | None = None,
+                 shuffle_buffer: int = 500):
         super().__init__(batch_size=batch_size, num_workers=num_workers, resolution=resolution, seed=seed,
-                         train_batches_per_epoch=train_batches_per_epoch)
+                         train_batches_per_epoch=train_batches_per_epoch,
+                         train_samples_per_epoch=train_samples_per_epoch)
         if not streams:
             raise ValueError("data.streams: at least one named stream is needed")
         self.streams: dict[str, dict[str, Any]] = {}

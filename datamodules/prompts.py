@@ -158,8 +158,8 @@ class PromptDataModule(ResumableDataModule):
                  test_prompts: str | list[str] | None = None, predict_prompts: str | list[str] | None = None,
                  prompts_per_batch: int = 1, eval_prompts_per_batch: int | None = None, prompt_key: str = "prompt",
                  on_bad: str = "error", num_workers: int = 0, resolution: int = 256, seed: int = 0):
-        super().__init__(batch_size=prompts_per_batch, num_workers=num_workers, resolution=resolution, seed=seed,
-                         train_batches_per_epoch=0)
+        super().__init__(batch_size=prompts_per_batch, num_workers=num_workers, resolution=resolution, seed=seed)
+        self.train_batches_per_epoch = 0  # one pass over the prompts per rank: set in setup, from the prompt count
         if on_bad not in ("error", "skip"):
             raise ValueError(f"data.on_bad must be 'error' or 'skip', got {on_bad!r}")
         if prompts_per_batch < 1:

@@ -81,3 +81,37 @@ def test_cpu_recipes_instantiate(config, tmp_path):
     cli = CtrlgenCLI(args=args, run=False)
     assert sum(p.numel() for p in cli.model.parameters() if p.requires_grad) > 0
     assert cli.datamodule.batch_size > 0 and cli.trainer.max_steps > 0
+
+
+PAPER_SCALE = [c for c in RECIPES if "lr_reference_batch" in (REPO / c).read_text()]
+
+
+@pytest.mark.parametrize("config", PAPER_SCALE)
+def test_paper_recipes_follow_the_global_batch(config):
+    """ecm.md §2.5/§3.6: peak lr 1e-4 × global_bs/256, warm-up ep/50, an epoch = one ImageNet pass. At the papers'
+    8 × 96 this is lr 3e-4 and ≈ 1,669 steps per epoch; on 16 GPUs the lr doubles and the epoch halves."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from datamodules.base import ResumableDataModule
+    from lightning_modules.common.recipe import global_batch_size, planned_iterations
+    from lightning_modules.common.schedules import WarmupLinear
+
+    cfg = _print_config(["-c", config])
+    model, data, trainer = cfg["model"]["init_args"], cfg["data"]["init_args"], cfg["trainer"]
+    assert model["lr_reference_batch"] == 256 and model["optimizer"]["init_args"]["lr"] == pytest.approx(1e-4)
+    assert data["train_batches_per_epoch"] is None and data["train_samples_per_epoch"] == 1_281_167
+    epochs = trainer["max_epochs"]
+    assert trainer["max_steps"] == -1 and epochs == (200 if "var_d16" in config else 15)
+    for world, lr, per_epoch in ((8, 3e-4, 1669), (16, 6e-4, 835)):
+        dm = ResumableDataModule(batch_size=data["batch_size"], train_samples_per_epoch=data["train_samples_per_epoch"])
+        dm.rank_and_world = (0, world)
+        run = SimpleNamespace(datamodule=dm, world_size=world, accumulate_grad_batches=1, max_steps=-1,
+                              max_epochs=epochs, limit_train_batches=1.0)
+        assert model["optimizer"]["init_args"]["lr"] * global_batch_size(run) / 256 == pytest.approx(lr)
+        assert dm.batches_per_epoch == per_epoch
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        sched = WarmupLinear(opt, **cfg["model"]["init_args"]["scheduler"]["init_args"])
+        sched.bind_total_steps(planned_iterations(run))
+        assert sched.total_steps == epochs * per_epoch and sched.warmup_steps == round(0.02 * epochs * per_epoch)

@@ -22,6 +22,8 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_modules.common.recipe import bind_total_steps, global_batch_size, planned_iterations, scale_lr
+
 
 def global_seed() -> int:
     """The run's seed (``seed_everything``), identical on every rank."""
@@ -68,8 +70,15 @@ class BaseGenModule(L.LightningModule):
     runtime_args: tuple[str, ...] = ()
 
     def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW, scheduler: LRSchedulerCallable | None = None,
-                 scheduler_interval: str = "step"):
+                 scheduler_interval: str = "step", lr_reference_batch: int | None = None):
+        """``lr_reference_batch``: when set, the optimizer's ``lr`` is per that many samples and is multiplied by
+        global batch / ``lr_reference_batch`` at fit start (VAR/ECM: ``lr: 1.0e-4``, ``lr_reference_batch: 256``);
+        see ``common/recipe.py``."""
         super().__init__()
+        if lr_reference_batch is not None and int(lr_reference_batch) < 1:
+            raise ValueError(f"model.init_args.lr_reference_batch must be a positive batch size, "
+                             f"got {lr_reference_batch}")
+        self.lr_reference_batch = lr_reference_batch
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
@@ -86,10 +95,32 @@ class BaseGenModule(L.LightningModule):
         if not groups or (isinstance(groups[0], dict) and not any(g["params"] for g in groups)):
             raise ValueError(f"{type(self).__name__}: no trainable parameters reach the optimizer")
         opt = factory(groups)
+        self.scale_to_global_batch(opt)
         out: dict[str, Any] = {"optimizer": opt}
         if scheduler is not None:
-            out["lr_scheduler"] = {"scheduler": scheduler(opt), "interval": self.scheduler_interval}
+            sched = self.make_scheduler(opt, scheduler, lambda: planned_iterations(self.trainer))
+            out["lr_scheduler"] = {"scheduler": sched, "interval": self.scheduler_interval}
         return out
+
+    def scale_to_global_batch(self, opt: torch.optim.Optimizer, name: str = "optimizer") -> None:
+        """With ``lr_reference_batch``: every param group's lr × global batch / ``lr_reference_batch``."""
+        if self.lr_reference_batch is None:
+            return
+        gb = global_batch_size(self.trainer, accumulate=self.automatic_optimization)
+        lrs = scale_lr(opt, gb / self.lr_reference_batch)
+        rank_zero_info(f"{type(self).__name__}: {name} lr x {gb}/{self.lr_reference_batch} (global batch / "
+                       f"lr_reference_batch) -> {', '.join(f'{lr:.4g}' for lr in lrs)}")
+
+    def make_scheduler(self, opt: torch.optim.Optimizer, factory: LRSchedulerCallable, total_steps: Any,
+                       name: str = "optimizer") -> Any:
+        """``factory(opt)``; a scheduler built with ``total_steps: null`` is bound to ``total_steps()`` (the run's
+        planned steps of this optimizer)."""
+        sched = factory(opt)
+        if getattr(sched, "total_steps", 0) is None:
+            n = int(total_steps())
+            bind_total_steps(sched, n)
+            rank_zero_info(f"{type(self).__name__}: {name} schedule bound to {n:,} optimizer steps")
+        return sched
 
     def configure_optimizers(self) -> Any:
         return self.build_optimizer(self.optimizer_factory, self.param_groups(), self.scheduler_factory)

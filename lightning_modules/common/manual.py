@@ -12,6 +12,7 @@ YAML, through ``CtrlgenCLI`` (one entry per optimizer name the subclass declares
         update_every: {generator: 5}      # TTUR: generator on iterations 0, 5, 10, ...; unnamed optimizers every iteration
         clip_norm: 10.0                   # one value for all, or per optimizer {generator: 10.0, critic: 1.0}
         max_iterations: 19000             # with trainer.max_steps: -1 (see "global_step" below)
+        lr_reference_batch: null          # 256: every lr is per 256 samples, x global batch / 256 (common/recipe.py)
 
 ``dict[str, OptimizerCallable]`` is taken as is by jsonargparse 4.53 from ``class_path/init_args`` entries (each value
 becomes a partial of the class; pinned by tests/common/test_manual.py with a real ``CtrlgenCLI`` parse).
@@ -46,6 +47,7 @@ tensors (not yet checked with FSDP2/DTensor gradients).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +58,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_modules.common.base import BaseGenModule, global_seed
+from lightning_modules.common.recipe import planned_iterations
 
 
 class ManualOptimModule(BaseGenModule):
@@ -65,8 +68,9 @@ class ManualOptimModule(BaseGenModule):
 
     def __init__(self, optimizers: dict[str, OptimizerCallable] | None = None,
                  schedulers: dict[str, LRSchedulerCallable] | None = None, update_every: dict[str, int] | None = None,
-                 clip_norm: float | dict[str, float] | None = None, max_iterations: int | None = None):
-        super().__init__()
+                 clip_norm: float | dict[str, float] | None = None, max_iterations: int | None = None,
+                 lr_reference_batch: int | None = None):
+        super().__init__(lr_reference_batch=lr_reference_batch)
         self.automatic_optimization = False
         self.optimizer_factory = None  # the single-optimizer injection of BaseGenModule is not used here
         self.optimizer_factories = dict(optimizers or {})
@@ -124,12 +128,22 @@ class ManualOptimModule(BaseGenModule):
         opts, scheds = [], []
         for name in names:
             opt = self.optimizer_factories.get(name, torch.optim.AdamW)(groups[name])
+            self.scale_to_global_batch(opt, name)
             opts.append(opt)
             if name in self.scheduler_factories:
-                scheds.append({"scheduler": self.scheduler_factories[name](opt), "interval": "step", "name": f"lr-{name}"})
+                sched = self.make_scheduler(opt, self.scheduler_factories[name],
+                                            lambda n=name: self.planned_updates(n), name)
+                scheds.append({"scheduler": sched, "interval": "step", "name": f"lr-{name}"})
         self._opt_names = names
         self._sched_names = [n for n in names if n in self.scheduler_factories]
         return (opts, scheds) if scheds else opts
+
+    def planned_updates(self, name: str) -> int:
+        """Steps optimizer ``name`` will make in this run: ⌈iterations / update_every⌉, iterations bounded by
+        ``max_iterations`` or ``max_epochs`` (``trainer.max_steps`` counts all optimizers' steps, so it is not used)."""
+        its = planned_iterations(self.trainer, -1 if self.max_iterations is None else self.max_iterations,
+                                 accumulate=False)
+        return math.ceil(its / int(self.update_every.get(name, 1)))
 
     def _check_name(self, name: str) -> None:
         if self._opt_names and name not in self._opt_names:

@@ -96,6 +96,29 @@ def test_default_optimizers_and_no_schedulers():
     assert [type(o) for o in opts] == [torch.optim.AdamW, torch.optim.AdamW]
 
 
+def test_global_batch_lr_and_schedules_per_optimizer():
+    """lr_reference_batch scales every optimizer by the global batch (no accumulation under manual optimisation); a
+    ``total_steps: null`` schedule is bound to that optimizer's own updates: ⌈max_iterations / update_every⌉."""
+    from types import SimpleNamespace
+
+    from lightning_modules.common.schedules import WarmupLinear
+
+    m = TinyGANModule(optimizers={"generator": lambda p: torch.optim.AdamW(p, lr=1e-4),
+                                  "critic": lambda p: torch.optim.AdamW(p, lr=2e-4)},
+                      schedulers={"generator": lambda o: WarmupLinear(o, total_steps=None, warmup_frac=0.1),
+                                  "critic": lambda o: WarmupLinear(o, total_steps=None)},
+                      update_every={"generator": 5}, max_iterations=101, lr_reference_batch=256)
+    m._trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=64), world_size=8, accumulate_grad_batches=3,
+                                 max_steps=-1, max_epochs=-1, limit_train_batches=1.0)
+    (g, c), (gs, cs) = m.configure_optimizers()
+    assert [o.param_groups[0]["initial_lr"] for o in (g, c)] == pytest.approx([2e-4, 4e-4])  # x 512 / 256
+    assert (gs["scheduler"].total_steps, gs["scheduler"].warmup_steps, cs["scheduler"].total_steps) == (21, 2, 101)
+    m.max_iterations = None  # neither max_iterations nor an epoch length: max_steps counts all optimizers' steps
+    m._trainer.max_steps = 500
+    with pytest.raises(ValueError, match="total_steps: null needs a bounded run"):
+        m.configure_optimizers()
+
+
 # ------------------------------------------------------------------------------------------------------ a real fit
 def test_fit_iterations_turns_and_global_step(gan_run):
     """Pins lightning 2.6.6: under manual optimisation global_step counts optimizer.step() calls, not iterations."""
