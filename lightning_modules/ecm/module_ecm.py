@@ -12,12 +12,15 @@ import zlib
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_modules.common.base import decay_groups, global_seed
+from lightning_modules.common.base import batch_seed, decay_groups, global_seed
+from lightning_modules.common.histogram import log_histogram
+from lightning_modules.ecm.bases import load_weights
 from lightning_modules.ecm.control import ECMControlNet
 from lightning_modules.ecm.module_var import VARBase
-from lightning_modules.ecm.sampling import DEFAULT_TRUNC_PROBS, draw_trunc_scale, normalize_trunc_probs, temperature_schedule
+from lightning_modules.ecm.sampling import (DEFAULT_TRUNC_PROBS, draw_trunc_scale, normalize_trunc_probs,
+                                            temperature_schedule, trunc_generator)
 
 _NO_DECAY = ("gates", "gate_in", "type_embed", "pos_embed", "scale_mul", "class_emb", "lvl_embed", "pos_")
 
@@ -35,11 +38,23 @@ class ECMModule(VARBase):
                  temp_low: float = 0.8, temp_switch_scale: int | None = None, cfg_control: str = "both",
                  edge_extractor: str = "cv2_canny_100_200", eval_base: bool = True,
                  distribution_metrics: bool = False, inception_weights: str | None = None,
-                 fid_feature: torch.nn.Module | None = None, depth_estimator_dir: str | None = None, **kwargs: Any):
+                 fid_feature: torch.nn.Module | None = None, depth_estimator_dir: str | None = None,
+                 sync_across_ranks: bool = True, cond_encoder_weights: str | None = None, **kwargs: Any):
+        """``sync_across_ranks``: every DDP rank truncates at the same scale per step (seeded by seed and step: no
+        stragglers, spec §2.3); false draws s per rank (seed, rank, step). ``cond_encoder_weights``: a local file to
+        initialise the condition encoder from (a ``ViTEncoder`` state dict, ``.pth``/``.safetensors``, or an
+        ``ECMModule`` ``.ckpt``, whose ``control.cond_encoder.*`` is used), loaded strictly; it then trains."""
         super().__init__(var_preset, var_overrides, var_weights, vqvae_preset, vqvae_overrides, vqvae_weights, **kwargs)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "fid_feature"])
         self.condition_types = list(condition_types or ["canny"])
         self.control = ECMControlNet(self.var, num_condition_types=len(self.condition_types), **(control or {}))
+        self.cond_encoder_info = None
+        if cond_encoder_weights:
+            self.cond_encoder_info = load_weights(self.control.cond_encoder, cond_encoder_weights,
+                                                  "control.cond_encoder.")
+            rank_zero_info(f"ECMModule: condition encoder initialised from {self.cond_encoder_info['path']}")
+        self.sync_across_ranks = sync_across_ranks
+        self._trunc_counts: dict[int, int] = {}  # s -> training batches truncated there, this epoch (histogram of s)
         self.control.grad_checkpointing = self.var.grad_checkpointing
         self.finetune_base = finetune_base
         self.frozen_prefixes = ("vqvae.",) if finetune_base else ("vqvae.", "var.")
@@ -103,10 +118,14 @@ class ECMModule(VARBase):
     def _type_idx(self, batch: dict[str, Any]) -> torch.Tensor | None:
         return batch["cond_type"].long() if self.control.type_embed is not None else None
 
+    def trunc_scale(self, step: int, rank: int) -> int:
+        """Last kept scale s for optimizer step ``step`` (spec §2.3): seeded by (seed, step), the same on every rank,
+        or with ``sync_across_ranks: false`` by (seed, rank, step); a resumed run draws the same s again."""
+        own = None if self.sync_across_ranks else trunc_generator(batch_seed(global_seed(), rank), step)
+        return draw_trunc_scale(self.trunc_probs, global_seed(), step, generator=own)
+
     def model_step(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
-        s = None
-        if stage == "train" and self.early_centric:  # same s on every rank: seeded by (seed, step)
-            s = draw_trunc_scale(self.trunc_probs, global_seed(), self.global_step)
+        s = self.trunc_scale(self.global_step, self.global_rank) if stage == "train" and self.early_centric else None
         idx = self.tokens(batch, s)
         x = self.vqvae.idx_to_var_input(idx)
         logits = self.control(self.var, batch["label"].long(), x, cond_img=batch["cond"], prog_si=s,
@@ -114,10 +133,25 @@ class ECMModule(VARBase):
         out = self.ce(logits, idx)
         out["tokens"] = torch.tensor(float(logits.shape[0] * logits.shape[1]))
         if stage == "train":
-            out["trunc_scale"] = torch.tensor(float(len(self.var.patch_nums) - 1 if s is None else s))
+            last = len(self.var.patch_nums) - 1 if s is None else s
+            out["trunc_scale"] = torch.tensor(float(last))
+            self._trunc_counts[last] = self._trunc_counts.get(last, 0) + 1
             for j, g in enumerate(self.control.gate_values()):
                 out[f"gate{j}"] = g
         return out
+
+    def on_train_epoch_end(self) -> None:
+        """Histogram of s (spec §2.5): the fraction of this epoch's training batches truncated after each scale (mean
+        over ranks), as ``train/trunc_frac_s{k}`` scalars and, with a W&B logger, one ``train/trunc_scale_hist``."""
+        K, mine, self._trunc_counts = len(self.var.patch_nums), self._trunc_counts, {}
+        counts = self.trainer.strategy.reduce(torch.tensor([float(mine.get(k, 0)) for k in range(K)],
+                                                           device=self.device), reduce_op="sum").cpu()
+        total = float(counts.sum())
+        if not total:
+            return
+        for k in sorted(set(self.trunc_probs) if self.early_centric else {K - 1}):
+            self.log(f"train/trunc_frac_s{k}", float(counts[k]) / total, sync_dist=False)
+        log_histogram(self, "train/trunc_scale_hist", counts.tolist(), list(range(K + 1)))
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Teacher-forced CE per scale, then metrics of controlled samples (and of the base without control)."""

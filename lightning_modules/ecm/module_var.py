@@ -151,6 +151,11 @@ class VARBase(BaseGenModule):
         return out
 
 
+# VAR's train.py: no weight decay on 1-D params and names containing these (class_emb and word_embed do decay)
+VAR_NO_DECAY = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
+                "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")
+
+
 class VARModule(VARBase):
     frozen_prefixes = ("vqvae.",)
     runtime_args = ("vqvae_weights", "var_weights", "cfg", "top_k", "top_p", "grad_checkpointing", "sampler",
@@ -158,12 +163,15 @@ class VARModule(VARBase):
 
     def __init__(self, var_preset: str = "d16", var_overrides: dict | None = None, var_weights: str | None = None,
                  vqvae_preset: str = "vae_ch160v4096z32", vqvae_overrides: dict | None = None,
-                 vqvae_weights: str | None = None, **kwargs: Any):
+                 vqvae_weights: str | None = None, no_decay_keys: list[str] | None = None, **kwargs: Any):
+        """``no_decay_keys``: parameter-name substrings kept out of weight decay (with every 1-D parameter); default
+        VAR's own list (``VAR_NO_DECAY``), under which ``class_emb`` and ``word_embed`` are decayed as in VAR."""
         super().__init__(var_preset, var_overrides, var_weights, vqvae_preset, vqvae_overrides, vqvae_weights, **kwargs)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.no_decay_keys = tuple(VAR_NO_DECAY if no_decay_keys is None else no_decay_keys)
 
     def param_groups(self) -> list[dict]:
-        return decay_groups(self.var.named_parameters(), ("class_emb", "lvl_embed", "pos_", "scale_mul"))
+        return decay_groups(self.var.named_parameters(), self.no_decay_keys)
 
     def model_step(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
         idx = self.tokens(batch)

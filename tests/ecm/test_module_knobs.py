@@ -170,3 +170,55 @@ def test_dropout_draws_differ_across_ranks_and_repeat_per_batch(monkeypatch):
     assert not torch.equal(dropped(1, 3), a) and not torch.equal(dropped(0, 4), a)
     seeds = {batch_seed(7, r, e, b, s) for r in range(2) for e in range(2) for b in range(3) for s in range(3)}
     assert len(seeds) == 36 and all(0 <= x < 2**63 for x in seeds)
+
+
+def test_trunc_scale_synced_across_ranks_or_drawn_per_rank():
+    """sync_across_ranks (default): one s per step on every rank (no stragglers); false: per rank, still a function of
+    (seed, rank, step) (resume draws it again) and distributed as trunc_probs."""
+    probs = {2: 0.2, 3: 0.6, 4: 0.2}
+    synced = _module("ECMModule", trunc_probs=probs)
+    assert synced.sync_across_ranks is True
+    for step in range(50):
+        assert len({synced.trunc_scale(step, r) for r in range(4)}) == 1
+    own = _module("ECMModule", trunc_probs=probs, sync_across_ranks=False)
+    draws = torch.tensor([[own.trunc_scale(step, r) for r in range(4)] for step in range(1000)])
+    assert torch.equal(draws[:20], torch.tensor([[own.trunc_scale(step, r) for r in range(4)] for step in range(20)]))
+    assert (draws != draws[:, :1]).any(1).float().mean() > 0.5  # ranks disagree on most steps
+    freq = {k: float((draws == k).float().mean()) for k in probs}
+    assert all(abs(freq[k] - p) < 0.03 for k, p in probs.items()), freq
+
+
+def test_cond_encoder_initialised_from_a_local_file(tmp_path):
+    from safetensors.torch import save_file
+
+    src = _module("ECMModule")
+    with torch.no_grad():
+        for p in src.control.cond_encoder.parameters():
+            p.add_(torch.randn_like(p))
+    enc = {k: v.clone().contiguous() for k, v in src.control.cond_encoder.state_dict().items()}
+    save_file(enc, str(tmp_path / "enc.safetensors"))
+    torch.save({"state_dict": {f"control.cond_encoder.{k}": v for k, v in enc.items()}}, tmp_path / "ecm.ckpt")
+    for name in ("enc.safetensors", "ecm.ckpt"):
+        m = _module("ECMModule", cond_encoder_weights=str(tmp_path / name))
+        got = m.control.cond_encoder.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in enc.items()), name
+        assert m.cond_encoder_info["path"].endswith(name)
+        assert all(p.requires_grad for p in m.control.cond_encoder.parameters())  # it trains from there
+    bad = dict(enc, **{"proj.weight": enc["proj.weight"][:, :-1]})
+    bad.pop("norm.bias")
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"bad\.pth[\s\S]*norm\.bias[\s\S]*proj\.weight"):
+        _module("ECMModule", cond_encoder_weights=str(tmp_path / "bad.pth"))
+
+
+def test_var_weight_decay_follows_var_by_default():
+    """VAR's train.py decays every ≥2-D weight but those named in its no-decay list: class_emb and word_embed decay,
+    the position/level embeddings and the attention scale do not; no_decay_keys overrides the list."""
+    m = _module("VARModule")
+    names = {id(p): n for n, p in m.var.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in m.param_groups())
+    assert {"class_emb.weight", "word_embed.weight", "blocks.0.attn.mat_qkv.weight"} <= decay
+    assert {"pos_start", "pos_1LC", "lvl_embed.weight", "blocks.0.attn.scale_mul_1H11", "head.bias"} <= no_decay
+    m2 = _module("VARModule", no_decay_keys=["class_emb", "lvl_embed", "pos_", "scale_mul"])
+    assert "class_emb.weight" in {n for n, p in m2.var.named_parameters() if id(p) in
+                                  {id(q) for q in m2.param_groups()[1]["params"]}}

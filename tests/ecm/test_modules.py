@@ -138,6 +138,9 @@ def test_test_writes_results_table_plots_and_wandb_table(shapes_shards, tmp_path
     md = (root / "results.md").read_text()
     assert "canny_f1" in md and "canny_f1_base" in md and "definition" in md.lower()
     assert "| fid |" in md and "| precision |" in md and "3.55" in md  # FID row carries the VAR-d16 reference
+    import wandb
+
+    wandb.finish()  # close this test's offline run: a later WandbLogger in this process would otherwise reuse it
     tables = list((root / "wandb").glob("offline-run-*/files/media/table/test/results*.table.json"))
     assert len(tables) == 1
     table = json.loads(tables[0].read_text())
@@ -165,3 +168,34 @@ def test_predict_writes_one_image_per_key_and_skips_finished(shapes_shards, tmp_
     writer = next(c for c in again.trainer.callbacks if type(c).__name__ == "PredictionWriter")
     assert writer.written == 1 and writer.skipped == 15  # the batch holding the missing key was regenerated, one written
     assert victim.read_bytes() == first[victim.name]  # same seed → the same image
+
+
+def test_fit_logs_the_histogram_of_s_to_wandb(shapes_shards, tmp_path, bases, monkeypatch):
+    """Spec §2.5's histogram of s in a real offline W&B run: per epoch, ``train/trunc_scale_hist`` counts the epoch's
+    per-step ``train/trunc_scale`` values, and ``train/trunc_frac_s{k}`` are those counts as fractions."""
+    import collections
+
+    import wandb
+
+    from tests.utils.wandb_records import history
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb.finish()  # a run left open by an earlier test in this process would be reused by WandbLogger
+    CtrlgenCLI(args=["fit", *_ecm_args(shapes_shards, tmp_path, bases, steps=6), "-c", "configs/logger/wandb.yaml",
+                     "--data.init_args.train_batches_per_epoch=3", "--trainer.log_every_n_steps=1",
+                     "--trainer.logger.init_args.id=hist-test"])
+    wandb.finish()
+    rows = history(next((tmp_path / "wandb").glob("offline-run-*-hist-test/run-*.wandb")))
+    steps = [(r["trainer/global_step"], r["train/trunc_scale"]) for r in rows if "train/trunc_scale" in r]
+    hists = [{k.rsplit("/", 1)[1]: v for k, v in r.items() if k.startswith("train/trunc_scale_hist/")} for r in rows
+             if "train/trunc_scale_hist/values" in r]  # nested keys: .../_type, .../values, .../bins
+    fracs = [{k: v for k, v in r.items() if k.startswith("train/trunc_frac_s")} for r in rows
+             if any(k.startswith("train/trunc_frac_s") for k in r)]
+    assert len(steps) == 6 and len(hists) == 2 and len(fracs) == 2
+    for epoch, (hist, frac) in enumerate(zip(hists, fracs)):
+        seen = collections.Counter(int(s) for _, s in sorted(steps)[3 * epoch: 3 * epoch + 3])
+        assert hist["_type"] == "histogram" and sum(hist["values"]) == 3
+        assert len(hist["bins"]) == len(hist["values"]) + 1
+        assert {i: int(v) for i, v in enumerate(hist["values"]) if v} == dict(seen)
+        assert sum(frac.values()) == pytest.approx(1.0)
+        assert all(frac.get(f"train/trunc_frac_s{k}", 0.0) == pytest.approx(n / 3) for k, n in seen.items())
