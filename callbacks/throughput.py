@@ -1,4 +1,6 @@
-"""Logs training throughput: ``perf/samples_per_sec`` (per rank and × world size) and ``perf/step_time_s``."""
+"""Logs training throughput: ``perf/samples_per_sec`` (per rank and × world size) and ``perf/step_time_s``; for
+modules that set ``tokens_in_step`` in their training step (token models: VAR/ECM, policies), ``perf/tokens_per_sec``
+too (per rank and × world size; with truncated sequences, tokens per step vary)."""
 
 from __future__ import annotations
 
@@ -31,9 +33,13 @@ class ThroughputCallback(L.Callback):
         if trainer.global_step <= self.warmup_steps or n is None or dt <= 0:
             return
         self.samples_per_sec = n / dt
-        pl_module.log_dict({"perf/step_time_s": dt, "perf/samples_per_sec": n / dt,
-                            "perf/samples_per_sec_all_ranks": n * trainer.world_size / dt},
-                           on_step=True, on_epoch=False, batch_size=1)
+        perf = {"perf/step_time_s": dt, "perf/samples_per_sec": n / dt,
+                "perf/samples_per_sec_all_ranks": n * trainer.world_size / dt}
+        tokens = getattr(pl_module, "tokens_in_step", None)
+        if tokens:
+            perf.update({"perf/tokens_per_sec": tokens / dt,
+                         "perf/tokens_per_sec_all_ranks": tokens * trainer.world_size / dt})
+        pl_module.log_dict(perf, on_step=True, on_epoch=False, batch_size=1)
 
 
 def _batch_len(batch: Any) -> int | None:

@@ -28,7 +28,8 @@ _NO_DECAY = ("gates", "gate_in", "type_embed", "pos_embed", "scale_mul", "class_
 class ECMModule(VARBase):
     runtime_args = ("var_weights", "vqvae_weights", "cfg", "top_k", "top_p", "grad_checkpointing", "sampler",
                     "base_mismatch", "temp_schedule", "temp_high", "temp_low", "temp_switch_scale", "cfg_control",
-                    "eval_base", "distribution_metrics", "inception_weights", "depth_estimator_dir", "edge_extractor")
+                    "eval_base", "distribution_metrics", "inception_weights", "depth_estimator_dir", "edge_extractor",
+                    "val_control_batches")
 
     def __init__(self, var_preset: str = "d16", var_overrides: dict | None = None, var_weights: str | None = None,
                  vqvae_preset: str = "vae_ch160v4096z32", vqvae_overrides: dict | None = None,
@@ -39,11 +40,14 @@ class ECMModule(VARBase):
                  edge_extractor: str = "cv2_canny_100_200", eval_base: bool = True,
                  distribution_metrics: bool = False, inception_weights: str | None = None,
                  fid_feature: torch.nn.Module | None = None, depth_estimator_dir: str | None = None,
-                 sync_across_ranks: bool = True, cond_encoder_weights: str | None = None, **kwargs: Any):
+                 sync_across_ranks: bool = True, cond_encoder_weights: str | None = None, val_control_batches: int = 1,
+                 **kwargs: Any):
         """``sync_across_ranks``: every DDP rank truncates at the same scale per step (seeded by seed and step: no
         stragglers, spec §2.3); false draws s per rank (seed, rank, step). ``cond_encoder_weights``: a local file to
         initialise the condition encoder from (a ``ViTEncoder`` state dict, ``.pth``/``.safetensors``, or an
-        ``ECMModule`` ``.ckpt``, whose ``control.cond_encoder.*`` is used), loaded strictly; it then trains."""
+        ``ECMModule`` ``.ckpt``, whose ``control.cond_encoder.*`` is used), loaded strictly; it then trains.
+        ``val_control_batches``: validation samples the first N batches of the (fixed) validation split with control
+        and logs ``val/canny_f1`` / ``val/depth_rmse`` on them (spec §2.5); 0 = teacher-forced CE only."""
         super().__init__(var_preset, var_overrides, var_weights, vqvae_preset, vqvae_overrides, vqvae_weights, **kwargs)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "fid_feature"])
         self.condition_types = list(condition_types or ["canny"])
@@ -80,7 +84,11 @@ class ECMModule(VARBase):
         self.f1_ecm = CannyF1(edge_extractor)
         self.f1_base = CannyF1(edge_extractor)
         self.f1_margin = MeanSEM()  # paired per image: F1 controlled - F1 uncontrolled (same seeds)
-        self.gen_metrics = self.depth_rmse = None
+        if val_control_batches < 0:
+            raise ValueError(f"model.init_args.val_control_batches must be >= 0, got {val_control_batches}")
+        self.val_control_batches = val_control_batches
+        self.val_f1 = CannyF1(edge_extractor)  # controlled samples of the fixed validation subset
+        self.gen_metrics = self.depth_rmse = self.val_depth_rmse = None
         if distribution_metrics:  # FID + P/R (k=3) [+ IS with Inception] from one feature pass (platform.md §5)
             from lightning_modules.metrics.distribution import GenerativeMetrics
 
@@ -89,7 +97,8 @@ class ECMModule(VARBase):
         if "depth" in self.condition_types and depth_estimator_dir:
             from lightning_modules.metrics.control import DepthRMSE, TransformersDepthEstimator
 
-            self.depth_rmse = DepthRMSE(TransformersDepthEstimator(depth_estimator_dir))
+            estimator = TransformersDepthEstimator(depth_estimator_dir)
+            self.depth_rmse, self.val_depth_rmse = DepthRMSE(estimator), DepthRMSE(estimator)
 
     # ------------------------------------------------------------------------------------------------ frozen base
     def train(self, mode: bool = True):
@@ -153,23 +162,38 @@ class ECMModule(VARBase):
             self.log(f"train/trunc_frac_s{k}", float(counts[k]) / total, sync_dist=False)
         log_histogram(self, "train/trunc_scale_hist", counts.tolist(), list(range(K + 1)))
 
+    def _score_control(self, batch: dict[str, Any], images: torch.Tensor, stage: str, f1: Any,
+                       depth: Any) -> torch.Tensor | None:
+        """Canny F1 / depth RMSE of controlled ``images``, each on the rows whose condition map is of its type; the
+        canny rows (None when there are none)."""
+        canny = self._rows_of(batch, "canny")
+        if canny is not None:
+            f1.update(images[canny], batch["cond"][canny, 0] > 0)
+            self.log(f"{stage}/canny_f1", f1, on_epoch=True, batch_size=len(canny))
+        rows = self._rows_of(batch, "depth") if depth is not None else None
+        if rows is not None:
+            depth.update(images[rows], batch["cond"][rows, 0].add(1).div(2))
+            self.log(f"{stage}/depth_rmse", depth, on_epoch=True, batch_size=len(rows))
+        return canny
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """Teacher-forced CE per scale; on the first ``val_control_batches`` batches also the control metrics of
+        controlled samples (the eval split and the per-batch seeds are fixed, so every validation scores the same
+        images' conditions: a curve over training)."""
+        loss = self._step(batch, "val")
+        if dataloader_idx == 0 and batch_idx < self.val_control_batches:
+            self._score_control(batch, self.sample(batch, control=True), "val", self.val_f1, self.val_depth_rmse)
+        return loss
+
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Teacher-forced CE per scale, then metrics of controlled samples (and of the base without control)."""
         loss = self._step(batch, "test")
         ecm = self.sample(batch, control=True)
-        canny = self._rows_of(batch, "canny")
-        if canny is not None:  # each metric only on the rows whose condition map is of its type
-            cond_edges = batch["cond"][canny, 0] > 0
-            self.f1_ecm.update(ecm[canny], cond_edges)
-            self.log("test/canny_f1", self.f1_ecm, on_epoch=True, batch_size=len(canny))
-            if self.eval_base:
-                self.f1_base.update(self.sample(batch, control=False)[canny], cond_edges)
-                self.log("test/canny_f1_base", self.f1_base, on_epoch=True, batch_size=len(canny))
-                self.f1_margin.update(self.f1_ecm.last_per_image - self.f1_base.last_per_image)
-        depth = self._rows_of(batch, "depth") if self.depth_rmse is not None else None
-        if depth is not None:
-            self.depth_rmse.update(ecm[depth], batch["cond"][depth, 0].add(1).div(2))
-            self.log("test/depth_rmse", self.depth_rmse, on_epoch=True, batch_size=len(depth))
+        canny = self._score_control(batch, ecm, "test", self.f1_ecm, self.depth_rmse)
+        if canny is not None and self.eval_base:  # paired: the same seeds without control
+            self.f1_base.update(self.sample(batch, control=False)[canny], batch["cond"][canny, 0] > 0)
+            self.log("test/canny_f1_base", self.f1_base, on_epoch=True, batch_size=len(canny))
+            self.f1_margin.update(self.f1_ecm.last_per_image - self.f1_base.last_per_image)
         if self.gen_metrics is not None:
             self.gen_metrics.update(_uint8(batch["image"].add(1).div(2)), real=True)
             self.gen_metrics.update(_uint8(ecm), real=False)

@@ -143,6 +143,7 @@ class VARBase(BaseGenModule):
 
     def ce(self, logits: torch.Tensor, idx: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         target = torch.cat(idx, 1)
+        self.tokens_in_step = int(target.numel())  # predicted tokens of this step (perf/tokens_per_sec)
         loss, per_ce, per_acc = token_ce(logits, target, self.var.begin_ends, self.var.L, self.loss_norm,
                                          self.label_smoothing)
         out = {"loss": loss, "acc": per_acc.mean()}

@@ -61,6 +61,14 @@ def test_ecm_trains_adapters_only_and_keeps_base_frozen(shapes_shards, tmp_path,
     assert all(k.startswith(("control.", "f1_")) for k in sd), sorted(sd)[:5]
     logged = cli.trainer.logged_metrics
     assert "train/tokens" in logged and "train/trunc_scale" in logged and "train/gate0" in logged
+    # validation scored controlled samples of the first val batch (val_control_batches: 1): recompute them
+    from lightning_modules.metrics.control import CannyF1
+
+    batch = next(iter(cli.datamodule.val_dataloader()))
+    m.eval()
+    f1 = CannyF1(m.edge_extractor)
+    f1.update(m.sample(batch, control=True), batch["cond"][:, 0] > 0)
+    assert float(logged["val/canny_f1"]) == pytest.approx(float(f1.compute()), abs=1e-6)
 
 
 def test_ecm_test_reports_canny_f1_and_resumes_from_small_checkpoint(shapes_shards, tmp_path, bases, capsys,
@@ -183,7 +191,7 @@ def test_fit_logs_the_histogram_of_s_to_wandb(shapes_shards, tmp_path, bases, mo
     wandb.finish()  # a run left open by an earlier test in this process would be reused by WandbLogger
     CtrlgenCLI(args=["fit", *_ecm_args(shapes_shards, tmp_path, bases, steps=6), "-c", "configs/logger/wandb.yaml",
                      "--data.init_args.train_batches_per_epoch=3", "--trainer.log_every_n_steps=1",
-                     "--trainer.logger.init_args.id=hist-test"])
+                     "--trainer.logger.init_args.id=hist-test", "--model.init_args.val_control_batches=0"])
     wandb.finish()
     rows = history(next((tmp_path / "wandb").glob("offline-run-*-hist-test/run-*.wandb")))
     steps = [(r["trainer/global_step"], r["train/trunc_scale"]) for r in rows if "train/trunc_scale" in r]
@@ -192,6 +200,15 @@ def test_fit_logs_the_histogram_of_s_to_wandb(shapes_shards, tmp_path, bases, mo
     fracs = [{k: v for k, v in r.items() if k.startswith("train/trunc_frac_s")} for r in rows
              if any(k.startswith("train/trunc_frac_s") for k in r)]
     assert len(steps) == 6 and len(hists) == 2 and len(fracs) == 2
+    keys = {k for r in rows for k in r}
+    assert "val/loss" in keys and "val/canny_f1" not in keys  # val_control_batches: 0 = CE only in validation
+    from lightning_modules.ecm.scales import TINY_PATCH_NUMS
+
+    perf = [r for r in rows if "perf/tokens_per_sec" in r and "train/trunc_scale" in r]
+    assert perf and "perf/tokens_per_sec_all_ranks" in keys
+    for r in perf:  # tokens per image of the step = the tokens of scales 0..s
+        per_image = sum(p * p for p in TINY_PATCH_NUMS[: int(r["train/trunc_scale"]) + 1])
+        assert r["perf/tokens_per_sec"] / r["perf/samples_per_sec"] == pytest.approx(per_image)
     for epoch, (hist, frac) in enumerate(zip(hists, fracs)):
         seen = collections.Counter(int(s) for _, s in sorted(steps)[3 * epoch: 3 * epoch + 3])
         assert hist["_type"] == "histogram" and sum(hist["values"]) == 3
