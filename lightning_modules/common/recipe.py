@@ -11,6 +11,9 @@ number of epochs. A user on another number of GPUs gets the paper's recipe back 
 - a scheduler with ``total_steps: null`` (``WarmupLinear``, optionally ``warmup_frac``) is bound to the optimizer steps
   this run will make (``planned_iterations``), computed from ``max_steps``/``max_epochs`` and the datamodule's epoch
   length without loading data (FSDP restores the datamodule's resume position only after ``configure_optimizers``).
+
+On resume, the checkpoint's optimizer and scheduler states prevail (its lrs, base lrs and bound length): a run requeued
+on another number of GPUs continues the schedule it started with, at the lr it was planned with.
 """
 
 from __future__ import annotations
