@@ -119,3 +119,18 @@ def test_fit_scales_lr_and_binds_the_schedule(shapes_shards, tmp_path):
     assert trainer.global_step == 10 and len(seen) == 20
     expected = [warmup_linear_factor(s, 2, 10, 0.1) for s in range(10)]
     assert seen[::2] == pytest.approx(expected) and seen[-1] == pytest.approx(0.1)
+
+    # resumed with another global batch (no accumulation: x1 instead of x2) and one more epoch: the checkpoint's
+    # base lr and bound length prevail (a fresh bind would give base lr 0.5 and 15 steps)
+    ckpt = tmp_path / "done.ckpt"
+    trainer.save_checkpoint(ckpt)
+    seen.clear()
+    model2 = TinyAEModule(optimizer=lambda p: torch.optim.SGD(p, lr=0.5), lr_reference_batch=4,
+                          scheduler=lambda o: WL(o, total_steps=None, warmup_frac=0.2, end_factor=0.1))
+    dm2 = ECMDataModule(train_shards=shapes_shards["train"], batch_size=4, num_workers=0, resolution=32,
+                        train_samples_per_epoch=40)
+    t2 = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, limit_val_batches=0, callbacks=[Rec()], default_root_dir=tmp_path)
+    t2.fit(model2, datamodule=dm2, ckpt_path=ckpt)
+    sched2 = t2.lr_scheduler_configs[0].scheduler
+    assert (sched2.total_steps, sched2.base_lrs) == (10, [1.0]) and seen and seen[0] == pytest.approx(0.1)
