@@ -25,7 +25,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from datamodules.shards import SKIPS, check_required_keys, decode_value, resolve_shards
+from datamodules.shards import SKIPS, LazySample, check_required_keys, resolve_shards
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -101,8 +101,7 @@ class _Stream(IterableDataset):
         """Decoded single items with their shard URL (unbatched; corrupt samples skipped and counted)."""
         for raw in self._shuffled(self._raw(rng, worker, nworkers), rng):
             try:
-                sample = {k: (v if k.startswith("__") else decode_value(k, v)) for k, v in raw.items()}
-                item = self.item_fn(sample, rng)
+                item = self.item_fn(LazySample(raw), rng)  # values decoded when the loader reads them
             except Exception as e:  # noqa: BLE001 - corrupt or incomplete sample: skip and count, never crash
                 SKIPS.handler(e)
                 continue
@@ -291,7 +290,8 @@ class BaseWdsDataModule(ResumableDataModule):
 
     # ---------------------------------------------------------------------------------------------- subclass hooks
     def to_item(self, sample: dict[str, Any], rng: random.Random, stage: str) -> dict[str, Any] | None:
-        """Decoded sample (``decode_value`` per key) → dict of arrays/tensors/scalars; raise to skip a bad sample."""
+        """Sample (a ``LazySample``: each value decoded by ``decode_value`` when read) → dict of arrays/tensors/scalars;
+        raise to skip a bad sample. Keys it never reads are never decoded."""
         raise NotImplementedError(f"{type(self).__name__} must implement to_item")
 
     # ---------------------------------------------------------------------------------------------------- set up

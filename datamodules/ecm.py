@@ -11,6 +11,7 @@ shared edge extractor (the same object the F1 metric uses), so shards need no ``
 from __future__ import annotations
 
 import random
+import re
 import zlib
 from typing import Any
 
@@ -51,6 +52,19 @@ def resize_crop(arrays: list[np.ndarray], size: int, rng: random.Random | None,
     return [a[top : top + size, left : left + size] for a in out]
 
 
+CROP_KEY = re.compile(r"^c\d+\.")  # keys of extra stored crops (c1.jpg, c1.canny.png, c1.vq.npy; tokenize)
+
+
+def crop_prefix(j: int) -> str:
+    """Key prefix of stored crop ``j`` of a pre-tokenised sample (0 = the centre crop, unprefixed)."""
+    return "" if j == 0 else f"c{j}."
+
+
+def stored_crops(sample: Any) -> int:
+    """Crops a pre-tokenised sample holds: 1 + the number of ``c<j>.vq.npy`` keys (no value is decoded)."""
+    return 1 + sum(1 for k in sample if CROP_KEY.match(k) and k.endswith(".vq.npy"))
+
+
 def to_signed(a: np.ndarray) -> np.ndarray:
     """uint8 HW or HWC → float32 CHW in [-1, 1], 1-channel maps replicated to 3."""
     x = a.astype(np.float32) / 127.5 - 1.0
@@ -87,11 +101,15 @@ class ECMDataModule(BaseWdsDataModule):
         # and epoch), so every type is evaluated on about 1/n of the images
         ctype = rng.randrange(n_types) if stage == "train" else zlib.crc32(str(sample["__key__"]).encode()) % n_types
         name = self.condition_types[ctype]
-        image = sample[self.image_key]
+        crop = ""  # pre-tokenised shards may store several crops (tokenize --crops-per-image): one per epoch
+        if self.pretokenized and stage == "train" and self.random_crop:
+            n = stored_crops(sample)
+            crop = crop_prefix(rng.randrange(n)) if n > 1 else ""
+        image = sample[crop + self.image_key]
         if name == "canny" and self.canny_on_the_fly:
             cond = None
         else:
-            cond = sample[f"{name}.png"]
+            cond = sample[f"{crop}{name}.png"]
         crop_rng = rng if (stage == "train" and self.random_crop and not self.pretokenized) else None
         mid = 1.0 if self.pretokenized else self.mid_reso  # pre-tokenised: the stored crop is the crop of the codes
         arrays = resize_crop([image] + ([cond] if cond is not None else []), self.resolution, crop_rng, mid)
@@ -106,5 +124,5 @@ class ECMDataModule(BaseWdsDataModule):
         item = {"image": to_signed(image), "cond": to_signed(cond), "label": int(sample["cls"]), "cond_type": ctype,
                 "key": sample["__key__"]}
         if self.pretokenized:
-            item["codes"] = sample["vq.npy"].astype(np.int64).reshape(-1)
+            item["codes"] = sample[crop + "vq.npy"].astype(np.int64).reshape(-1)
         return item

@@ -155,6 +155,37 @@ def decode_value(key: str, data: bytes) -> Any:
     return data
 
 
+class LazySample(dict):
+    """A raw WebDataset sample whose values are decoded (``decode_value``) on first access and then cached: keys a
+    loader never reads (other condition maps, extra crops) cost no decoding. ``__``-keys stay raw. Decoding errors
+    surface where the key is read, inside the loader's skip-and-count guard."""
+
+    def __init__(self, raw: dict[str, Any]):
+        super().__init__(raw)
+        self._done = {k for k in raw if k.startswith("__")}
+
+    def __getitem__(self, key: str) -> Any:
+        value = super().__getitem__(key)
+        if key not in self._done:
+            value = decode_value(key, value)
+            super().__setitem__(key, value)
+            self._done.add(key)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def values(self):  # type: ignore[override]
+        return [self[k] for k in self]
+
+    def items(self):  # type: ignore[override]
+        return [(k, self[k]) for k in self]
+
+    def decoded_keys(self) -> set[str]:
+        """Keys decoded so far (``__`` keys excluded)."""
+        return {k for k in self._done if not k.startswith("__")}
+
+
 # ------------------------------------------------------------------------------------------------------------- writing
 def encode_png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()

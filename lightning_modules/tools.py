@@ -44,6 +44,8 @@ def _data_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--mid-reso", type=float, default=1.125, help="shorter side → mid-reso × size before the centre "
                    "crop, as the ECM loader (VAR: 1.125); 1 for shards already cropped to the size")
+    t.add_argument("--crops-per-image", type=int, default=1, help="stored crops per sample: the centre crop plus "
+                   "N-1 random ones (c1.*, c2.*), one picked per epoch in pre-tokenised training")
     return p
 
 
@@ -74,7 +76,8 @@ def data_main(argv: list[str]) -> None:
     elif args.tool == "tokenize":
         from lightning_modules.ecm.tokenize import tokenize_cli
 
-        tokenize_cli(args.shards, args.out, args.config, args.ckpt, args.batch_size, mid_reso=args.mid_reso)
+        tokenize_cli(args.shards, args.out, args.config, args.ckpt, args.batch_size, mid_reso=args.mid_reso,
+                     crops_per_image=args.crops_per_image)
 
 
 def demo_main(argv: list[str]) -> None:

@@ -166,6 +166,31 @@ def test_faults_are_skipped_and_counted_in_training(tmp_path):
     assert cli.trainer.logged_metrics["data/skipped"] >= 3
 
 
+def test_keys_the_loader_does_not_read_are_not_decoded(tmp_path):
+    """Samples are decoded lazily (datamodules.shards.LazySample): a canny loader never decodes the depth/normal maps
+    of multi-condition shards (no wasted work, and a corrupt unused map loses nothing); a depth loader reading the same
+    corrupt map skips and counts every sample."""
+    from datamodules.shards import LazySample
+
+    samples = list(shapes.samples(0, "train", 8, 32))
+    for smp in samples:
+        smp["depth.png"] = b"not a png"
+    write_shards(samples, str(tmp_path / "l-%06d.tar"), maxcount=100)
+    raw = {k: (str(v).encode() if k == "cls" else v) for k, v in samples[0].items() if k != "json"}
+    lazy = LazySample(raw)
+    item = _dm(condition_types=["canny"]).to_item(lazy, random.Random(0), "train")
+    assert item["cond"].shape == (3, 32, 32) and lazy.decoded_keys() == {"jpg", "cls", "canny.png"}
+    assert isinstance(dict.__getitem__(lazy, "normal.png"), bytes)  # still the raw bytes
+    shard = str(tmp_path / "l-000000.tar")
+    before = SKIPS.total
+    canny = _dm(val_shards=shard, condition_types=["canny"], eval_batch_size=8)
+    canny.setup("validate")
+    assert sum(len(b["key"]) for b in canny.val_dataloader()) == 8 and SKIPS.total == before
+    depth = _dm(val_shards=shard, condition_types=["depth"], eval_batch_size=8)
+    depth.setup("validate")
+    assert list(depth.val_dataloader()) == [] and SKIPS.total - before == 8
+
+
 def test_pack_folder_lists_and_skips_unreadable(tmp_path):
     src = tmp_path / "imgs"
     (src / "sub").mkdir(parents=True)

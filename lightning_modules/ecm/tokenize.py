@@ -9,6 +9,12 @@ are computed from the **decoded re-encoded** image, i.e. from exactly the pixels
 will see. With ``mid_reso`` 1, samples already at the right size keep their original bytes untouched. ``vq.npy`` holds the L codes in VAR
 order (scale 0 first), uint16 (int32 if the vocabulary exceeds 65,536). All other keys are copied byte for byte.
 
+``crops_per_image`` N > 1 (ecm.md §5's knob) also stores N − 1 random crops of the same resized image (VAR's
+training crop), each with its maps and codes under the prefix ``c<j>.`` (``c1.jpg``, ``c1.canny.png``, ``c1.vq.npy``;
+crop j of a sample is the same on every run: its position is seeded by the sample key and j). The unprefixed keys stay
+the centre crop, so evaluation and N = 1 readers see what they saw before; ``ECMDataModule(pretokenized=True)`` picks
+one stored crop per sample and epoch in training (lazy decoding: the others cost nothing).
+
 Output: one output shard per input shard (sample order kept, so equal-sized eval shards stay equal-sized), named
 ``out % i`` when ``out`` contains ``%`` (``i`` = index of the input shard), else ``out/<input basename>``. Shards are
 written to ``*.tmp`` and renamed when complete. A ``tokenize.json`` with the provenance (VQVAE preset, weights file and
@@ -24,7 +30,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -137,6 +145,32 @@ def prepare_sample(raw: dict[str, Any], size: int, image_key: str = "auto", jpeg
     return out, decode_image(out[ikey], "RGB")  # the pixels the loader will decode from the stored bytes
 
 
+def prepare_crops(raw: dict[str, Any], size: int, image_key: str = "auto", jpeg_quality: int = 95,
+                  mid_reso: float = 1.125, crops: int = 1) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """``prepare_sample`` (crop 0, the centre crop) plus ``crops`` − 1 random crops stored under ``c<j>.`` keys;
+    (output sample without codes, the pixels to tokenise per crop). Stale ``c<j>.`` keys of the input are dropped."""
+    from datamodules.ecm import CROP_KEY, crop_prefix, resize_crop
+    from datamodules.shards import decode_image
+
+    raw = {k: v for k, v in raw.items() if not CROP_KEY.match(k)}
+    out, pixels = prepare_sample(raw, size, image_key, jpeg_quality, mid_reso)
+    if crops == 1:
+        return out, [pixels]
+    ikey = find_image_key(raw, image_key)
+    img = decode_image(raw[ikey], "RGB")
+    map_keys = [k for k in out if k not in ("__key__", ikey) and _ext(k) in _IMAGE_EXTS]
+    maps = [_decode_map(raw[k]) for k in map_keys]
+    all_pixels = [pixels]
+    for j in range(1, crops):
+        rng = random.Random(zlib.crc32(f"{raw['__key__']}|crop{j}".encode()))
+        cropped = resize_crop([img, *maps], size, rng, mid_reso)  # VAR's random training crop, fixed per (key, j)
+        out[crop_prefix(j) + ikey] = _encode(cropped[0], _ext(ikey), jpeg_quality)
+        for k, a in zip(map_keys, cropped[1:]):
+            out[crop_prefix(j) + k] = _encode(a, _ext(k), jpeg_quality)
+        all_pixels.append(decode_image(out[crop_prefix(j) + ikey], "RGB"))
+    return out, all_pixels
+
+
 def _npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
@@ -149,11 +183,13 @@ def codes_dtype(vocab_size: int) -> np.dtype:
 
 # ---------------------------------------------------------------------------------------------------- shard reading
 class _ShardReader(IterableDataset):
-    """Whole shards per worker; yields ("s", shard, sample, pixels) and one ("e", shard, skip counts) per shard."""
+    """Whole shards per worker; yields ("s", shard, sample, pixels per crop) and one ("e", shard, skip counts) per
+    shard."""
 
-    def __init__(self, urls: Sequence[str], size: int, image_key: str, jpeg_quality: int, mid_reso: float):
+    def __init__(self, urls: Sequence[str], size: int, image_key: str, jpeg_quality: int, mid_reso: float,
+                 crops: int = 1):
         self.urls, self.size, self.image_key, self.jpeg_quality = list(urls), size, image_key, jpeg_quality
-        self.mid_reso = mid_reso
+        self.mid_reso, self.crops = mid_reso, crops
 
     def __iter__(self) -> Iterator[tuple]:
         from datamodules.shards import iter_samples
@@ -172,7 +208,8 @@ class _ShardReader(IterableDataset):
 
             for raw in iter_samples(self.urls[i], handler=handler):
                 try:
-                    sample, pixels = prepare_sample(raw, self.size, self.image_key, self.jpeg_quality, self.mid_reso)
+                    sample, pixels = prepare_crops(raw, self.size, self.image_key, self.jpeg_quality, self.mid_reso,
+                                                   self.crops)
                 except Exception as e:  # noqa: BLE001 - any failure makes the sample unusable: skip and count
                     skips[type(e).__name__] += 1
                     examples.setdefault(type(e).__name__, f"{raw.get('__key__')}: {str(e)[:200]}")
@@ -204,9 +241,12 @@ def output_paths(urls: Sequence[str], out: str) -> list[str]:
 def tokenize_cli(shards: str | Sequence[str], out: str, config: str | os.PathLike | dict, ckpt: str | None = None,
                  batch_size: int = 64, *, num_workers: int | None = None, image_key: str = "auto",
                  jpeg_quality: int = 95, device: str | None = None, precision: str = "fp32",
-                 allow_random: bool = False, progress: bool = True, mid_reso: float = 1.125) -> dict[str, Any]:
+                 allow_random: bool = False, progress: bool = True, mid_reso: float = 1.125,
+                 crops_per_image: int = 1) -> dict[str, Any]:
     """Tokenise ``shards`` into new shards under ``out`` (see module docstring); returns the summary dict.
-    ``mid_reso``: as ``ECMDataModule``'s (VAR: 1.125); 1.0 for shards already cropped to the VQVAE's size."""
+    ``mid_reso``: as ``ECMDataModule``'s (VAR: 1.125); 1.0 for shards already cropped to the VQVAE's size.
+    ``crops_per_image``: stored crops per sample (the centre crop + N − 1 random ones); ``batch_size`` counts
+    samples, so the VQVAE sees up to ``batch_size × crops_per_image`` images at once."""
     from webdataset import TarWriter
 
     from datamodules.ecm import check_mid_reso
@@ -224,11 +264,14 @@ def tokenize_cli(shards: str | Sequence[str], out: str, config: str | os.PathLik
     if num_workers is None:
         num_workers = max(0, min(len(urls), (os.cpu_count() or 1) - 1, 8))
     check_mid_reso(mid_reso, "tokenize: mid_reso")
-    loader = DataLoader(_ShardReader(urls, size, image_key, jpeg_quality, mid_reso), batch_size=None,
+    if int(crops_per_image) < 1:
+        raise ValueError(f"tokenize: crops_per_image must be >= 1, got {crops_per_image}")
+    loader = DataLoader(_ShardReader(urls, size, image_key, jpeg_quality, mid_reso, int(crops_per_image)),
+                        batch_size=None,
                         num_workers=num_workers, collate_fn=_identity)
 
     writers: dict[int, tuple[Any, Any, str]] = {}
-    pending: list[tuple[int, dict, np.ndarray]] = []
+    pending: list[tuple[int, dict, list[np.ndarray]]] = []
     per_shard: dict[int, int] = Counter()
     skips: Counter[str] = Counter()
     examples: dict[str, str] = {}
@@ -251,15 +294,20 @@ def tokenize_cli(shards: str | Sequence[str], out: str, config: str | os.PathLik
             return
         # = datamodules.ecm.to_signed + collate: contiguous NCHW (a channels-last view picks other conv kernels on
         # CPU, whose rounding flips near-tie codes against the loader's on-the-fly path)
-        x = torch.from_numpy(np.stack([p for _, _, p in pending])).to(dev).permute(0, 3, 1, 2).contiguous()
+        x = torch.from_numpy(np.stack([p for _, _, ps in pending for p in ps])).to(dev).permute(0, 3, 1, 2).contiguous()
         x = x.float() / 127.5 - 1.0
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             codes = torch.cat(vq.img_to_idx(x), 1)
         codes = codes.cpu().numpy()
         if codes.shape[1] != L or codes.max(initial=0) >= vq.vocab_size:
             raise RuntimeError(f"tokenize: unexpected codes {codes.shape} (L {L}, V {vq.vocab_size})")
-        for (i, sample, _), c in zip(pending, codes):
-            sample["vq.npy"] = _npy_bytes(c.astype(dtype))
+        row = 0
+        from datamodules.ecm import crop_prefix
+
+        for i, sample, ps in pending:
+            for j in range(len(ps)):
+                sample[crop_prefix(j) + "vq.npy"] = _npy_bytes(codes[row].astype(dtype))
+                row += 1
             writer(i).write(sample)
             per_shard[i] += 1
         n_done += len(pending)
@@ -313,7 +361,8 @@ def tokenize_cli(shards: str | Sequence[str], out: str, config: str | os.PathLik
     summary = {
         "shards_in": len(urls), "shards_out": paths, "samples": n_done, "skipped": sum(skips.values()),
         "skipped_by_reason": dict(skips), "skip_examples": examples, "codes_per_sample": L, "codes_dtype": dtype.name,
-        "image_size": size, "mid_reso": mid_reso, "vqvae_preset": prov["preset"], "vqvae_overrides": prov["overrides"],
+        "image_size": size, "mid_reso": mid_reso, "crops_per_image": int(crops_per_image),
+        "vqvae_preset": prov["preset"], "vqvae_overrides": prov["overrides"],
         "weights": prov["weights"], "weights_sha256": (prov["weights_info"] or {}).get("sha256"),
         "device": str(dev), "precision": precision, "num_workers": num_workers, "seconds": round(elapsed, 3),
         "img_per_s": round(n_done / max(loop_s, 1e-9), 2), "samples_per_shard": [per_shard[i] for i in range(len(urls))],
@@ -321,7 +370,9 @@ def tokenize_cli(shards: str | Sequence[str], out: str, config: str | os.PathLik
     meta_dir = Path(paths[0]).parent
     (meta_dir / "tokenize.json").write_text(json.dumps(summary, indent=1))
     print(f"tokenize: {n_done:,} samples -> {len(paths)} shards in {meta_dir} ({L} codes/sample as {dtype.name} "
-          f"vq.npy, {size}px centre crop of {max(size, round(size * mid_reso))}px, VQVAE {prov['preset']} from {prov['weights']}), {elapsed:.1f} s "
+          f"vq.npy, {size}px centre crop of {max(size, round(size * mid_reso))}px"
+          + (f" + {crops_per_image - 1} random crop(s)" if crops_per_image > 1 else "")
+          + f", VQVAE {prov['preset']} from {prov['weights']}), {elapsed:.1f} s "
           f"({summary['img_per_s']:.1f} img/s on {dev}, {precision}, {num_workers} reader worker(s))")
     if skips:
         print(f"tokenize: skipped {sum(skips.values())} corrupt sample(s): "

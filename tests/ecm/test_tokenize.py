@@ -229,3 +229,53 @@ def test_pretokenized_shards_must_come_from_the_runs_vqvae(setup, tmp_path):
         VARModule(**common, vqvae_weights=str(other), base_mismatch="warn").check_pretokenized(dm)
     on_the_fly = ECMDataModule(train_shards=setup["out"], resolution=SIZE, batch_size=2, num_workers=0)
     VARModule(**common, vqvae_weights=str(other)).check_pretokenized(on_the_fly)  # codes unused: nothing to check
+
+
+def test_several_stored_crops_and_the_loader_picks_one_per_epoch(setup, tmp_path):
+    """--crops-per-image 3: the unprefixed keys are the N = 1 output byte for byte (the centre crop), c1./c2. hold two
+    VAR-style random crops (position fixed per key and crop) with their maps and codes = img_to_idx of the stored
+    pixels; pre-tokenised training picks one crop per sample and epoch (codes, image and map of the same crop),
+    evaluation always the centre crop."""
+    import zlib
+
+    from datamodules.shards import LazySample
+
+    d, vq = setup["dir"], setup["vq"]
+    src, cfg = str(d / "src" / "train-000000.tar"), str(d / "vq.yaml")
+    kw = dict(batch_size=3, num_workers=0, progress=False, mid_reso=1.5)
+    s = tokenize_cli(src, str(tmp_path / "three"), cfg, setup["ckpt"], crops_per_image=3, **kw)
+    tokenize_cli(src, str(tmp_path / "one"), cfg, setup["ckpt"], **kw)
+    assert s["crops_per_image"] == 3 and s["samples"] == N_PER_SHARD and s["skipped"] == 0
+    out, one = _samples(tmp_path / "three" / "train-000000.tar"), _samples(tmp_path / "one" / "train-000000.tar")
+    prefixes = ("", "c1.", "c2.")
+    for r, b in zip(out, one):
+        assert all(r[k] == v for k, v in b.items() if not k.startswith("__"))
+        keys = ("jpg", "canny.png", "depth.png", "normal.png", "vq.npy")
+        assert {p + k for p in prefixes[1:] for k in keys} <= set(r)
+    pix = [decode_image(r[p + "jpg"]) for r in out for p in prefixes]
+    ref = torch.cat(vq.img_to_idx(torch.from_numpy(np.stack([to_signed(p) for p in pix]))), 1)
+    codes = np.stack([np.load(io.BytesIO(r[p + "vq.npy"])) for r in out for p in prefixes])
+    assert torch.equal(torch.from_numpy(codes.astype(np.int64)), ref)
+    assert sum(not np.array_equal(pix[3 * i], pix[3 * i + 1]) for i in range(len(out))) >= len(out) // 2
+    orig = {r["__key__"]: r for r in _samples(src)}
+    for r in out[:3]:  # c2's map is the original map cropped where c2's image was cropped
+        o = orig[r["__key__"]]
+        rng = random.Random(zlib.crc32(f"{r['__key__']}|crop2".encode()))
+        want = resize_crop([decode_image(o["jpg"]), np.asarray(Image.open(io.BytesIO(o["canny.png"])))], SIZE, rng,
+                           1.5)[1]
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(r["c2.canny.png"]))), want)
+
+    dm = ECMDataModule(pretokenized=True, resolution=SIZE, batch_size=1, num_workers=0, condition_types=["canny"])
+    raw = out[0]
+    crop_codes = [np.load(io.BytesIO(raw[p + "vq.npy"])).astype(np.int64) for p in prefixes]
+    crop_maps = [to_signed(np.asarray(Image.open(io.BytesIO(raw[p + "canny.png"])))) for p in prefixes]
+    picked = []
+    for epoch in range(24):
+        item = dm.to_item(LazySample(raw), random.Random(epoch), "train")
+        j = next(j for j in range(3) if np.array_equal(item["codes"], crop_codes[j]))
+        assert np.array_equal(item["cond"], crop_maps[j])  # the map of the same crop
+        assert np.array_equal(item["image"], to_signed(decode_image(raw[prefixes[j] + "jpg"])))
+        picked.append(j)
+    assert set(picked) == {0, 1, 2}
+    for epoch in range(4):
+        assert np.array_equal(dm.to_item(LazySample(raw), random.Random(epoch), "val")["codes"], crop_codes[0])
