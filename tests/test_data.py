@@ -300,3 +300,16 @@ def test_data_health_counts_only_this_runs_main_process_skips(monkeypatch):
     worker_loader = SimpleNamespace(num_workers=2)  # worker counters start at zero in every run: taken as they are
     cb._update({"_data_health": torch.tensor([1, 4])}, "train", worker_loader)
     assert cb.skipped == 6
+
+
+def test_bench_data_smoke():
+    """bench/bench_data.py runs (both loaders read every sample: asserted inside) and reports its ratio; timings are
+    the benchmark's business (docs/benchmarks.md), not a test's."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_data.py"
+    spec = importlib.util.spec_from_file_location("bench_data", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--size", "32", "--samples", "8", "--repeats", "1"])
+    assert set(res["median_s"]) == {"lazy", "eager"} and res["eager_over_lazy"] > 0
