@@ -151,7 +151,9 @@ class ECMModule(VARBase):
 
     def on_train_epoch_end(self) -> None:
         """Histogram of s (spec §2.5): the fraction of this epoch's training batches truncated after each scale (mean
-        over ranks), as ``train/trunc_frac_s{k}`` scalars and, with a W&B logger, one ``train/trunc_scale_hist``."""
+        over ranks), as ``train/trunc_frac_s{k}`` scalars and, with a W&B logger, one ``train/trunc_scale_hist``. After a
+        mid-epoch resume, that epoch's histogram counts the resumed part only (the per-step ``train/trunc_scale`` has
+        every step)."""
         K, mine, self._trunc_counts = len(self.var.patch_nums), self._trunc_counts, {}
         counts = self.trainer.strategy.reduce(torch.tensor([float(mine.get(k, 0)) for k in range(K)],
                                                            device=self.device), reduce_op="sum").cpu()
