@@ -140,7 +140,7 @@ class ECMModule(VARBase):
         logits = self.control(self.var, batch["label"].long(), x, cond_img=batch["cond"], prog_si=s,
                               type_idx=self._type_idx(batch))
         out = self.ce(logits, idx)
-        out["tokens"] = torch.tensor(float(logits.shape[0] * logits.shape[1]))
+        out["tokens"] = torch.tensor(float(self.tokens_in_step))  # set by ce(): B x kept tokens
         if stage == "train":
             last = len(self.var.patch_nums) - 1 if s is None else s
             out["trunc_scale"] = torch.tensor(float(last))
@@ -150,8 +150,8 @@ class ECMModule(VARBase):
         return out
 
     def on_train_epoch_end(self) -> None:
-        """Histogram of s (spec §2.5): the fraction of this epoch's training batches truncated after each scale (mean
-        over ranks), as ``train/trunc_frac_s{k}`` scalars and, with a W&B logger, one ``train/trunc_scale_hist``. After a
+        """Histogram of s (spec §2.5): the fraction of this epoch's training batches (all ranks) truncated after each
+        scale, as ``train/trunc_frac_s{k}`` scalars and, with a W&B logger, one ``train/trunc_scale_hist``. After a
         mid-epoch resume, that epoch's histogram counts the resumed part only (the per-step ``train/trunc_scale`` has
         every step)."""
         K, mine, self._trunc_counts = len(self.var.patch_nums), self._trunc_counts, {}
