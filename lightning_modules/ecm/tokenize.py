@@ -127,48 +127,35 @@ def prepare_sample(raw: dict[str, Any], size: int, image_key: str = "auto", jpeg
     """Raw sample (bytes per key) → (output sample without ``vq.npy``, uint8 HWC pixels to tokenise). Raises on a
     corrupt sample. Image-typed keys share one resize (shorter side → ``mid_reso`` × size) + centre crop: the crop
     ``ECMDataModule`` evaluates on; untouched when ``mid_reso`` is 1 and the image is already ``size``×``size``."""
-    from datamodules.ecm import resize_crop
-    from datamodules.shards import decode_image
-
-    ikey = find_image_key(raw, image_key)
-    img = decode_image(raw[ikey], "RGB")
-    out = {k: v for k, v in raw.items() if not k.startswith("__") and k != "vq.npy"}
-    out["__key__"] = raw["__key__"]
-    if img.shape[:2] == (size, size) and mid_reso == 1.0:
-        return out, img
-    map_keys = [k for k in out if k not in ("__key__", ikey) and _ext(k) in _IMAGE_EXTS]
-    maps = [_decode_map(raw[k]) for k in map_keys]
-    cropped = resize_crop([img, *maps], size, None, mid_reso)  # the loader's centre crop; stored as it is
-    out[ikey] = _encode(cropped[0], _ext(ikey), jpeg_quality)
-    for k, a in zip(map_keys, cropped[1:]):
-        out[k] = _encode(a, _ext(k), jpeg_quality)
-    return out, decode_image(out[ikey], "RGB")  # the pixels the loader will decode from the stored bytes
+    out, pixels = prepare_crops(raw, size, image_key, jpeg_quality, mid_reso, crops=1)
+    return out, pixels[0]
 
 
 def prepare_crops(raw: dict[str, Any], size: int, image_key: str = "auto", jpeg_quality: int = 95,
                   mid_reso: float = 1.125, crops: int = 1) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """``prepare_sample`` (crop 0, the centre crop) plus ``crops`` − 1 random crops stored under ``c<j>.`` keys;
-    (output sample without codes, the pixels to tokenise per crop). Stale ``c<j>.`` keys of the input are dropped."""
+    """``prepare_sample``'s centre crop (crop 0, unprefixed keys) plus ``crops`` − 1 random crops stored under
+    ``c<j>.`` keys; (output sample without codes, the pixels to tokenise per crop). The image and its maps are decoded
+    once for all crops. Stale ``c<j>.`` and ``vq.npy`` keys of the input are dropped."""
     from datamodules.ecm import CROP_KEY, crop_prefix, resize_crop
     from datamodules.shards import decode_image
 
-    raw = {k: v for k, v in raw.items() if not CROP_KEY.match(k)}
-    out, pixels = prepare_sample(raw, size, image_key, jpeg_quality, mid_reso)
-    if crops == 1:
-        return out, [pixels]
     ikey = find_image_key(raw, image_key)
     img = decode_image(raw[ikey], "RGB")
+    out = {k: v for k, v in raw.items() if not k.startswith("__") and k != "vq.npy" and not CROP_KEY.match(k)}
+    out["__key__"] = raw["__key__"]
+    keep = img.shape[:2] == (size, size) and mid_reso == 1.0  # crop 0 is the image as stored: original bytes kept
     map_keys = [k for k in out if k not in ("__key__", ikey) and _ext(k) in _IMAGE_EXTS]
-    maps = [_decode_map(raw[k]) for k in map_keys]
-    all_pixels = [pixels]
-    for j in range(1, crops):
-        rng = random.Random(zlib.crc32(f"{raw['__key__']}|crop{j}".encode()))
-        cropped = resize_crop([img, *maps], size, rng, mid_reso)  # VAR's random training crop, fixed per (key, j)
+    maps = [] if keep and crops == 1 else [_decode_map(raw[k]) for k in map_keys]
+    pixels = [img] if keep else []
+    for j in range(len(pixels), crops):
+        # crop 0: the loader's centre crop; j ≥ 1: VAR's random training crop, fixed per (key, j)
+        rng = random.Random(zlib.crc32(f"{raw['__key__']}|crop{j}".encode())) if j else None
+        cropped = resize_crop([img, *maps], size, rng, mid_reso)
         out[crop_prefix(j) + ikey] = _encode(cropped[0], _ext(ikey), jpeg_quality)
         for k, a in zip(map_keys, cropped[1:]):
             out[crop_prefix(j) + k] = _encode(a, _ext(k), jpeg_quality)
-        all_pixels.append(decode_image(out[crop_prefix(j) + ikey], "RGB"))
-    return out, all_pixels
+        pixels.append(decode_image(out[crop_prefix(j) + ikey], "RGB"))  # what the loader decodes from the bytes
+    return out, pixels
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
