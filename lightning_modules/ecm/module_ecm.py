@@ -9,11 +9,13 @@ same control net and data, the VAR trainable too, full sequences (cost/quality c
 from __future__ import annotations
 
 import zlib
+from collections import Counter
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from datamodules.base import ResumableDataModule
 from lightning_modules.common.base import batch_seed, decay_groups, global_seed
 from lightning_modules.common.histogram import log_histogram
 from lightning_modules.ecm.bases import load_weights
@@ -58,7 +60,9 @@ class ECMModule(VARBase):
                                                   "control.cond_encoder.")
             rank_zero_info(f"ECMModule: condition encoder initialised from {self.cond_encoder_info['path']}")
         self.sync_across_ranks = sync_across_ranks
-        self._trunc_counts: dict[int, int] = {}  # s -> training batches truncated there, this epoch (histogram of s)
+        # optimizer step -> training batches at that step, this epoch (histogram of s: s is a function of step and rank)
+        self._trunc_steps: Counter[int] = Counter()
+        self._resumed_trunc_steps: dict[str, Any] | None = None  # the same, from a mid-epoch checkpoint
         self.control.grad_checkpointing = self.var.grad_checkpointing
         self.finetune_base = finetune_base
         self.frozen_prefixes = ("vqvae.",) if finetune_base else ("vqvae.", "var.")
@@ -144,7 +148,7 @@ class ECMModule(VARBase):
         if stage == "train":
             last = len(self.var.patch_nums) - 1 if s is None else s
             out["trunc_scale"] = torch.tensor(float(last))
-            self._trunc_counts[last] = self._trunc_counts.get(last, 0) + 1
+            self._trunc_steps[self.global_step] += 1
             for j, g in enumerate(self.control.gate_values()):
                 out[f"gate{j}"] = g
         return out
@@ -152,17 +156,37 @@ class ECMModule(VARBase):
     def on_train_epoch_end(self) -> None:
         """Histogram of s (spec §2.5): the fraction of this epoch's training batches (all ranks) truncated after each
         scale, as ``train/trunc_frac_s{k}`` scalars and, with a W&B logger, one ``train/trunc_scale_hist``. After a
-        mid-epoch resume, that epoch's histogram counts the resumed part only (the per-step ``train/trunc_scale`` has
-        every step)."""
-        K, mine, self._trunc_counts = len(self.var.patch_nums), self._trunc_counts, {}
-        counts = self.trainer.strategy.reduce(torch.tensor([float(mine.get(k, 0)) for k in range(K)],
-                                                           device=self.device), reduce_op="sum").cpu()
+        mid-epoch resume the batches before the checkpoint count too: their steps travel in the checkpoint and each
+        rank redraws its s from them."""
+        K, steps, self._trunc_steps = len(self.var.patch_nums), self._trunc_steps, Counter()
+        resumed, self._resumed_trunc_steps = self._resumed_trunc_steps, None
+        if resumed is not None and resumed["data_epoch"] is not None and resumed["data_epoch"] == self._data_epoch():
+            steps.update({int(k): int(n) for k, n in resumed["steps"].items()})
+        mine = [0.0] * K
+        for step, n in steps.items():
+            mine[self.trunc_scale(step, self.global_rank) if self.early_centric else K - 1] += n
+        counts = self.trainer.strategy.reduce(torch.tensor(mine, device=self.device), reduce_op="sum").cpu()
         total = float(counts.sum())
         if not total:
             return
         for k in sorted(set(self.trunc_probs) if self.early_centric else {K - 1}):
             self.log(f"train/trunc_frac_s{k}", float(counts[k]) / total, sync_dist=False)
         log_histogram(self, "train/trunc_scale_hist", counts.tolist(), list(range(K + 1)))
+
+    def _data_epoch(self) -> int | None:
+        """The training stream's epoch (a resumable datamodule counts it; Lightning's counter can be one ahead after
+        ``max_steps``), or None without one."""
+        dm = getattr(self.trainer, "datamodule", None)
+        return dm.state_dict().get("epoch") if isinstance(dm, ResumableDataModule) else None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self._trainer is not None:
+            checkpoint["ctrlgen_trunc_steps"] = {"data_epoch": self._data_epoch(), "steps": dict(self._trunc_steps)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._resumed_trunc_steps = checkpoint.get("ctrlgen_trunc_steps")
 
     def _score_control(self, batch: dict[str, Any], images: torch.Tensor, stage: str, f1: Any,
                        depth: Any) -> torch.Tensor | None:
