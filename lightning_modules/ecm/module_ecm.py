@@ -146,8 +146,7 @@ class ECMModule(VARBase):
         out = self.ce(logits, idx)
         out["tokens"] = torch.tensor(float(self.tokens_in_step))  # set by ce(): B x kept tokens
         if stage == "train":
-            last = len(self.var.patch_nums) - 1 if s is None else s
-            out["trunc_scale"] = torch.tensor(float(last))
+            out["trunc_scale"] = torch.tensor(float(len(self.var.patch_nums) - 1 if s is None else s))
             self._trunc_steps[self.global_step] += 1
             for j, g in enumerate(self.control.gate_values()):
                 out[f"gate{j}"] = g
@@ -176,13 +175,12 @@ class ECMModule(VARBase):
     def _data_epoch(self) -> int | None:
         """The training stream's epoch (a resumable datamodule counts it; Lightning's counter can be one ahead after
         ``max_steps``), or None without one."""
-        dm = getattr(self.trainer, "datamodule", None)
+        dm = getattr(self._trainer, "datamodule", None)
         return dm.state_dict().get("epoch") if isinstance(dm, ResumableDataModule) else None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        if self._trainer is not None:
-            checkpoint["ctrlgen_trunc_steps"] = {"data_epoch": self._data_epoch(), "steps": dict(self._trunc_steps)}
+        checkpoint["ctrlgen_trunc_steps"] = {"data_epoch": self._data_epoch(), "steps": dict(self._trunc_steps)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
