@@ -31,8 +31,8 @@ def parse(argv=None):
 
 def main(argv=None) -> dict:
     a = parse(argv)
-    from datamodules.ecm import ECMDataModule
-    from datamodules.synth import synth
+    from ctrlgen.datamodules.ecm import ECMDataModule
+    from ctrlgen.datamodules.synth import synth
 
     class EagerECMDataModule(ECMDataModule):
         def to_item(self, sample, rng, stage):

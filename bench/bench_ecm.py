@@ -71,8 +71,8 @@ def parse(argv):
 
 
 def build(a, finetune: bool):
-    from lightning_modules.ecm import ECMModule
-    from lightning_modules.ecm.scales import DEFAULT_PATCH_NUMS
+    from ctrlgen.lightning_modules.ecm import ECMModule
+    from ctrlgen.lightning_modules.ecm.scales import DEFAULT_PATCH_NUMS
 
     pns = tuple(int(p) for p in a.patch_nums.split(",")) if a.patch_nums else DEFAULT_PATCH_NUMS
     var_o = {"depth": a.depth, "embed_dim": a.dim, "num_heads": a.heads, "vocab_size": a.vocab, "cvae": a.cvae,

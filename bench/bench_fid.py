@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_modules.metrics.distribution import GenerativeMetrics
-from lightning_modules.metrics.inception import (
+from ctrlgen.lightning_modules.metrics.distribution import GenerativeMetrics
+from ctrlgen.lightning_modules.metrics.inception import (
     INCEPTION_WEIGHTS_ENV,
     INCEPTION_WEIGHTS_FILENAME,
     FIDInceptionV3,

@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import yaml
 
-    from lightning_modules.cli import CtrlgenCLI
-    from lightning_modules.metrics.control import MeanSEM, canny_f1
+    from ctrlgen.lightning_modules.cli import CtrlgenCLI
+    from ctrlgen.lightning_modules.metrics.control import MeanSEM, canny_f1
 
     cfg = yaml.safe_load(Path(a.config).read_text())
     ckpt_path = a.ckpt or cfg.get("ckpt_path")

@@ -75,11 +75,11 @@ def _import_networks():
     """Import var/vqvae/control/sampling/scales without running ``lightning_modules/__init__.py`` (Lightning-free)."""
     if "lightning_modules" not in sys.modules:
         for name, path in (("lightning_modules", REPO / "lightning_modules"),
-                           ("lightning_modules.ecm", REPO / "lightning_modules" / "ecm")):
+                           ("ctrlgen.lightning_modules.ecm", REPO / "lightning_modules" / "ecm")):
             pkg = types.ModuleType(name)
             pkg.__path__ = [str(path)]
             sys.modules[name] = pkg
-    from lightning_modules.ecm import control, fastpath, sampling, scales, var, vqvae
+    from ctrlgen.lightning_modules.ecm import control, fastpath, sampling, scales, var, vqvae
 
     return var, vqvae, control, sampling, scales, fastpath
 

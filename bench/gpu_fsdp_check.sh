@@ -5,7 +5,7 @@
 #   bash bench/gpu_fsdp_check.sh [OUT_DIR]          # on a GPU node, all its GPUs; PYTHON=... to pick the interpreter
 #   srun --gres=gpu:2 --ntasks=1 bash bench/gpu_fsdp_check.sh runs/fsdp-check
 #
-# For each config x state_dict_type (full, sharded) it trains the tiny VAR (lightning_modules.ecm.var, preset "tiny")
+# For each config x state_dict_type (full, sharded) it trains the tiny VAR (ctrlgen.lightning_modules.ecm.var, preset "tiny")
 # under the config's strategy and precision (bf16-mixed), and checks:
 #   - every AdaLNSelfAttn block is its own FSDP unit and is activation-checkpointed (the class paths in the YAML resolve);
 #   - loss is finite; trainer.save_checkpoint(default_root_dir/hpc_ckpt_1.ckpt) — what the SIGUSR1 handler calls —
@@ -46,7 +46,7 @@ import yaml  # noqa: E402
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper  # noqa: E402
 from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: E402
 
-from lightning_modules.ecm.var import AdaLNSelfAttn, build_var  # noqa: E402
+from ctrlgen.lightning_modules.ecm.var import AdaLNSelfAttn, build_var  # noqa: E402
 
 spec = importlib.util.spec_from_file_location("hpc_prune", REPO / "callbacks" / "hpc_prune.py")
 hpc_prune = importlib.util.module_from_spec(spec)

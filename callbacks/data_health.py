@@ -1,6 +1,6 @@
 """Logs how many corrupt/incomplete samples the data pipeline skipped (``data/skipped``), so skips are never silent.
 
-Each batch carries ``_data_health = (worker id, cumulative skips in that worker)`` (see ``datamodules.base``); the
+Each batch carries ``_data_health = (worker id, cumulative skips in that worker)`` (see ``ctrlgen.datamodules.base``); the
 callback keeps the maximum per worker and logs the sum, per rank on every logged step and summed over ranks per epoch.
 """
 
@@ -22,7 +22,7 @@ class DataHealthCallback(L.Callback):
         self.main_baseline = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from datamodules.shards import SKIPS
+        from ctrlgen.datamodules.shards import SKIPS
 
         self.main_baseline = SKIPS.total
 

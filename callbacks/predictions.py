@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
-from callbacks.images import make_grid
+from ctrlgen.callbacks.images import make_grid
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
-from callbacks.images import make_grid
+from ctrlgen.callbacks.images import make_grid
 
 
 class TestResultsWriter(L.Callback):
@@ -30,8 +30,8 @@ class TestResultsWriter(L.Callback):
         grids = pl_module.sample_images(self._batch, self.num_images) if self._batch is not None else {}
         if trainer.global_rank != 0:
             return
-        from lightning_modules.metrics.plots import plot_curves
-        from lightning_modules.metrics.results import make_rows, to_wandb_table, write_results
+        from ctrlgen.lightning_modules.metrics.plots import plot_curves
+        from ctrlgen.lightning_modules.metrics.results import make_rows, to_wandb_table, write_results
 
         root = Path(trainer.default_root_dir)
         metrics = {k.removeprefix("test/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}

@@ -5,9 +5,9 @@ batches per rank, so every DDP rank steps equally (platform.md §3, the ``with_e
 of ``(seed, rank, worker, epoch)`` only, and the datamodule records how many batches of the current epoch were consumed,
 so a run resumed from a checkpoint sees exactly the batches the uninterrupted run would have seen (it re-reads at most
 one epoch). Val/test/predict read every sample once, shards split over ranks then workers (exact splits).
-Corrupt samples are skipped and counted (``datamodules.shards.SKIPS``; logged by ``callbacks.DataHealthCallback``).
+Corrupt samples are skipped and counted (``ctrlgen.datamodules.shards.SKIPS``; logged by ``ctrlgen.callbacks.DataHealthCallback``).
 ``ResumableDataModule`` holds the epoch cut and the resume bookkeeping that ``BaseWdsDataModule``,
-``datamodules.multi.MultiStreamDataModule`` and ``datamodules.prompts.PromptDataModule`` share.
+``ctrlgen.datamodules.multi.MultiStreamDataModule`` and ``ctrlgen.datamodules.prompts.PromptDataModule`` share.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from datamodules.shards import SKIPS, LazySample, check_required_keys, resolve_shards
+from ctrlgen.datamodules.shards import SKIPS, LazySample, check_required_keys, resolve_shards
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from datamodules.base import BaseWdsDataModule
+from ctrlgen.datamodules.base import BaseWdsDataModule
 
 CONDITION_TYPES = ("canny", "depth", "normal")
 
@@ -115,7 +115,7 @@ class ECMDataModule(BaseWdsDataModule):
         arrays = resize_crop([image] + ([cond] if cond is not None else []), self.resolution, crop_rng, mid)
         image = arrays[0]
         if cond is None:
-            from lightning_modules.metrics.edges import get_edge_extractor
+            from ctrlgen.lightning_modules.metrics.edges import get_edge_extractor
 
             cond = np.asarray(get_edge_extractor(self.edge_extractor)(image)).reshape(image.shape[:2])
             cond = (cond > 0).astype(np.uint8) * 255

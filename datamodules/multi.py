@@ -2,7 +2,7 @@
 
 ```yaml
 data:
-  class_path: datamodules.multi.MultiStreamDataModule
+  class_path: ctrlgen.datamodules.multi.MultiStreamDataModule
   init_args:
     batch_size: 8                      # default batch size of every stream and of the mixed stream
     train_batches_per_epoch: 1000      # per rank, the same for every stream (or train_samples_per_epoch: N)
@@ -15,7 +15,7 @@ data:
 ```
 
 **Streams.** Each stream is exactly a ``BaseWdsDataModule`` training stream (resampled shards, shuffle buffer, decode,
-batch; ``datamodules.base._Stream``) with its own shards, batch size and decoding, seeded with ``(seed, stream name)``:
+batch; ``ctrlgen.datamodules.base._Stream``) with its own shards, batch size and decoding, seeded with ``(seed, stream name)``:
 its batches depend on ``(seed, name, rank, worker, epoch)`` only, so adding a stream never changes another one. All
 streams are read in the same worker processes and zipped there, so every training batch holds one batch of each stream
 and every rank gets ``train_batches_per_epoch`` of them. Resume is the base bookkeeping (``ResumableDataModule``): N
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from datamodules.base import (
+from ctrlgen.datamodules.base import (
     ResumableDataModule,
     _seed,
     _Stream,
@@ -56,8 +56,8 @@ from datamodules.base import (
     eval_workers,
     make_loader,
 )
-from datamodules.ecm import resize_crop, to_signed
-from datamodules.shards import SKIPS, check_required_keys, resolve_shards
+from ctrlgen.datamodules.ecm import resize_crop, to_signed
+from ctrlgen.datamodules.shards import SKIPS, check_required_keys, resolve_shards
 
 STREAM_FIELDS = {"train_shards", "val_shards", "test_shards", "batch_size", "eval_batch_size", "keys", "required_keys",
                  "resolution", "random_crop", "shuffle_buffer"}

@@ -21,7 +21,7 @@ batches (uneven splits hang DDP); evaluation must ignore rows with ``valid`` fal
 
 **Bad input.** ``on_bad="error"`` (default): a line that is not JSON, not an object, or lacks a non-empty string
 ``prompt`` fails at setup with ``file:line`` and what was found. ``on_bad="skip"``: such lines are skipped, warned about
-and counted in ``datamodules.shards.SKIPS`` (logged as ``data/skipped``). A source with no prompt at all always fails.
+and counted in ``ctrlgen.datamodules.shards.SKIPS`` (logged as ``data/skipped``). A source with no prompt at all always fails.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset
 
-from datamodules.base import ResumableDataModule, _seed, _worker, collate, make_loader
-from datamodules.shards import SKIPS, expand_urls, iter_samples, resolve_shards
+from ctrlgen.datamodules.base import ResumableDataModule, _seed, _worker, collate, make_loader
+from ctrlgen.datamodules.shards import SKIPS, expand_urls, iter_samples, resolve_shards
 
 Prompt = dict[str, Any]
 

@@ -6,8 +6,8 @@ import importlib
 METHODS = ("ecm",)
 for _m in METHODS:
     try:
-        importlib.import_module(f"lightning_modules.{_m}")
+        importlib.import_module(f"ctrlgen.lightning_modules.{_m}")
     except ModuleNotFoundError as _e:  # a method under construction must not break the others
-        if _e.name and _e.name.startswith(f"lightning_modules.{_m}"):
+        if _e.name and _e.name.startswith(f"ctrlgen.lightning_modules.{_m}"):
             continue
         raise

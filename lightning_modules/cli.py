@@ -18,14 +18,13 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
-import lightning_modules  # noqa: F401 - imports every method so checkpoints can rebuild their subclass
-from callbacks.wandb_config import WandbSaveConfig
-from datamodules.base import BaseDataModule
-from lightning_modules.common.base import BaseGenModule
-from lightning_modules.common.slurm import guard_or_exit
+import ctrlgen.lightning_modules  # noqa: F401 - imports every method so checkpoints can rebuild their subclass
+from ctrlgen.callbacks.wandb_config import WandbSaveConfig
+from ctrlgen.configs import BASE_CONFIG, resolve_config
+from ctrlgen.datamodules.base import BaseDataModule
+from ctrlgen.lightning_modules.common.base import BaseGenModule
+from ctrlgen.lightning_modules.common.slurm import guard_or_exit
 
-REPO = Path(__file__).resolve().parents[1]
-BASE_CONFIG = REPO / "configs" / "base.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 _wandb_said = False
 
@@ -121,11 +120,30 @@ tool subcommands:
 """
 
 
+def resolve_config_args(argv: list[str]) -> list[str]:
+    """``-c NAME`` / ``--config NAME`` / ``--config=NAME``: a name that is no file here is looked up in the packaged
+    configs (``ctrlgen fit -c ecm/demo_var.yaml`` from any folder); anything else is passed on as given."""
+    out, i = list(argv), 0
+    while i < len(out):
+        arg = out[i]
+        if arg in ("-c", "--config") and i + 1 < len(out):
+            found = resolve_config(out[i + 1])
+            out[i + 1] = str(found) if found is not None else out[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            found = resolve_config(arg.split("=", 1)[1])
+            out[i] = f"--config={found}" if found is not None else arg
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     given = argv is not None
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = resolve_config_args(list(sys.argv[1:] if argv is None else argv))
+    given = given or argv != sys.argv[1:]
     if argv and argv[0] in ("data", "demo"):
-        from lightning_modules import tools
+        from ctrlgen.lightning_modules import tools
 
         tools.main(argv)
         return None

@@ -52,13 +52,13 @@ def _data_parser() -> argparse.ArgumentParser:
 def data_main(argv: list[str]) -> None:
     args = _data_parser().parse_args(argv)
     if args.tool == "synth":
-        from datamodules.synth import synth
+        from ctrlgen.datamodules.synth import synth
 
         out = synth(args.world, args.out, args.n_train, args.n_val, args.n_test, args.size, args.seed, args.shard_size)
         for split, paths in out.items():
             print(f"{split}: {len(paths)} shards in {args.out}")
     elif args.tool == "pack":
-        from datamodules.shards import pack_folder
+        from ctrlgen.datamodules.shards import pack_folder
 
         rep = pack_folder(args.src, args.out, args.labels, args.maxcount, args.maxsize,
                           shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed)
@@ -66,15 +66,15 @@ def data_main(argv: list[str]) -> None:
         for rel, why in rep["skipped_files"]:
             print(f"  skipped {rel}: {why}")
     elif args.tool == "inspect":
-        from datamodules.shards import inspect_shards
+        from ctrlgen.datamodules.shards import inspect_shards
 
         print(json.dumps(inspect_shards(args.shards), indent=1))
     elif args.tool == "refstats":
-        from lightning_modules.metrics.refstats import refstats_cli
+        from ctrlgen.lightning_modules.metrics.refstats import refstats_cli
 
         refstats_cli(args.source, args.out, args.inception, args.batch_size, args.image_key)
     elif args.tool == "tokenize":
-        from lightning_modules.ecm.tokenize import tokenize_cli
+        from ctrlgen.lightning_modules.ecm.tokenize import tokenize_cli
 
         tokenize_cli(args.shards, args.out, args.config, args.ckpt, args.batch_size, mid_reso=args.mid_reso,
                      crops_per_image=args.crops_per_image)
@@ -90,7 +90,7 @@ def demo_main(argv: list[str]) -> None:
     p.add_argument("--sequential", action="store_true",
                    help="run the full-fine-tune branch after the ECM branch instead of in a parallel process")
     args = p.parse_args(argv)
-    from lightning_modules.ecm.demo import DEFAULT_STEPS, run_demo
+    from ctrlgen.lightning_modules.ecm.demo import DEFAULT_STEPS, run_demo
 
     steps: dict[str, int] = {}
     for item in filter(None, args.steps.split(",")):

@@ -32,7 +32,7 @@ def _offline_env(monkeypatch, tmp_path_factory):
 @pytest.fixture(scope="session")
 def shapes_shards(tmp_path_factory) -> dict[str, str]:
     """8 train, 2 val and 2 test shards of 8 samples each at 32 px (brace patterns)."""
-    from datamodules.synth import synth
+    from ctrlgen.datamodules.synth import synth
 
     out = tmp_path_factory.mktemp("shapes")
     synth("shapes", out, n_train=64, n_val=16, n_test=16, size=32, shard_size=8)  # val/test: 2 equal shards each
@@ -52,7 +52,7 @@ def cli_env() -> dict[str, str]:
 
 
 def ctrlgen_cmd() -> list[str]:
-    return [sys.executable, "-m", "lightning_modules.cli"]
+    return [sys.executable, "-m", "ctrlgen.lightning_modules.cli"]
 
 
 def run_cli_recorded(tmp_path: Path, recorder_src: str, args: list[str], ranks: int = 2,

@@ -1,4 +1,4 @@
-"""callbacks.RunCheckpoint: last.ckpt always holds the newest state (lightning 2.6.6's ModelCheckpoint lets it lag)."""
+"""ctrlgen.callbacks.RunCheckpoint: last.ckpt always holds the newest state (lightning 2.6.6's ModelCheckpoint lets it lag)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks import RunCheckpoint
-from datamodules.ecm import ECMDataModule
+from ctrlgen.callbacks import RunCheckpoint
+from ctrlgen.datamodules.ecm import ECMDataModule
 from tests.helpers.tiny_module import TinyAEModule
 
 

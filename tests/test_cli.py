@@ -49,7 +49,7 @@ def test_bad_class_path_fails_before_training(shapes_shards, tmp_path):
 
 
 def test_wandb_goes_offline_without_key(monkeypatch):
-    from lightning_modules import cli
+    from ctrlgen.lightning_modules import cli
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

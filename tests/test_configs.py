@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_modules.cli import CtrlgenCLI
+from ctrlgen.lightning_modules.cli import CtrlgenCLI
 from tests.conftest import REPO
 
 CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml"))
@@ -33,8 +33,8 @@ def test_there_are_configs():
 @pytest.mark.parametrize("config", RECIPES)
 def test_recipe_parses_with_base_applied(config):
     cfg = _print_config(["-c", config])
-    assert cfg["model"]["class_path"].startswith("lightning_modules.")
-    assert cfg["data"]["class_path"].startswith("datamodules.")
+    assert cfg["model"]["class_path"].startswith("ctrlgen.lightning_modules.")
+    assert cfg["data"]["class_path"].startswith("ctrlgen.datamodules.")
     assert cfg["seed_everything"] == 1234  # from configs/base.yaml
     assert any(c["class_path"].endswith(("ModelCheckpoint", "RunCheckpoint")) for c in cfg["trainer"]["callbacks"])
     text = Path(REPO / config).read_text()
@@ -94,9 +94,9 @@ def test_paper_recipes_follow_the_global_batch(config):
 
     import torch
 
-    from datamodules.base import ResumableDataModule
-    from lightning_modules.common.recipe import global_batch_size, planned_iterations
-    from lightning_modules.common.schedules import WarmupLinear
+    from ctrlgen.datamodules.base import ResumableDataModule
+    from ctrlgen.lightning_modules.common.recipe import global_batch_size, planned_iterations
+    from ctrlgen.lightning_modules.common.schedules import WarmupLinear
 
     cfg = _print_config(["-c", config])
     model, data, trainer = cfg["model"]["init_args"], cfg["data"]["init_args"], cfg["trainer"]

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.ecm import ECMDataModule, to_signed
-from datamodules.shards import SKIPS, decode_value, encode_png, expand_urls, pack_folder, resolve_shards, write_shards
-from datamodules.synth import shapes
+from ctrlgen.datamodules.ecm import ECMDataModule, to_signed
+from ctrlgen.datamodules.shards import SKIPS, decode_value, encode_png, expand_urls, pack_folder, resolve_shards, write_shards
+from ctrlgen.datamodules.synth import shapes
 
 
 def _dm(**kw) -> ECMDataModule:
@@ -125,7 +125,7 @@ def test_pipe_urls_and_lists(shapes_shards):
 
 
 def _jpg(seed: int = 0) -> bytes:
-    from datamodules.shards import encode_jpg
+    from ctrlgen.datamodules.shards import encode_jpg
 
     return encode_jpg(shapes.render(seed, "train", 0, 32)["image"])
 
@@ -150,7 +150,7 @@ def _faulty_shards(tmp_path: Path) -> str:
 
 def test_faults_are_skipped_and_counted_in_training(tmp_path):
     """A truncated tar, an undecodable image and a sample missing a key: training continues, skips are logged."""
-    from lightning_modules.cli import CtrlgenCLI
+    from ctrlgen.lightning_modules.cli import CtrlgenCLI
 
     shards = _faulty_shards(tmp_path)
     before = SKIPS.total
@@ -167,10 +167,10 @@ def test_faults_are_skipped_and_counted_in_training(tmp_path):
 
 
 def test_keys_the_loader_does_not_read_are_not_decoded(tmp_path):
-    """Samples are decoded lazily (datamodules.shards.LazySample): a canny loader never decodes the depth/normal maps
+    """Samples are decoded lazily (ctrlgen.datamodules.shards.LazySample): a canny loader never decodes the depth/normal maps
     of multi-condition shards (no wasted work, and a corrupt unused map loses nothing); a depth loader reading the same
     corrupt map skips and counts every sample."""
-    from datamodules.shards import LazySample
+    from ctrlgen.datamodules.shards import LazySample
 
     samples = list(shapes.samples(0, "train", 8, 32))
     for smp in samples:
@@ -287,7 +287,7 @@ def test_data_health_counts_only_this_runs_main_process_skips(monkeypatch):
     from collections import Counter
     from types import SimpleNamespace
 
-    from callbacks.data_health import DataHealthCallback
+    from ctrlgen.callbacks.data_health import DataHealthCallback
 
     monkeypatch.setattr(SKIPS, "counts", Counter({"UnidentifiedImageError": 3}))  # an earlier run skipped 3
     cb = DataHealthCallback()

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import callbacks.hpc_prune as hpc
-from callbacks.hpc_prune import (
+import ctrlgen.callbacks.hpc_prune as hpc
+from ctrlgen.callbacks.hpc_prune import (
     HPCCheckpointPrune,
     SafeRequeue,
     hpc_checkpoints,
@@ -124,7 +124,7 @@ SLURM_ENV = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": 
 def test_slurm_resume_survives_a_truncated_newest_checkpoint(shapes_shards, tmp_path, monkeypatch):
     """Lightning's SLURM resume loads the highest hpc_ckpt_N blindly; with the callback a cut-short save costs only
     the steps since the previous one."""
-    from lightning_modules.cli import CtrlgenCLI
+    from ctrlgen.lightning_modules.cli import CtrlgenCLI
 
     def fit(steps, *extra):
         return CtrlgenCLI(args=["fit", "-c", "tests/configs/tiny.yaml",
@@ -139,7 +139,7 @@ def test_slurm_resume_survives_a_truncated_newest_checkpoint(shapes_shards, tmp_
         monkeypatch.setenv(k, v)
     with pytest.raises(RuntimeError, match="central directory"):  # without the callback: hpc_ckpt_2 does not load
         fit(4)
-    resumed = fit(4, "--trainer.callbacks+=callbacks.hpc_prune.HPCCheckpointPrune")
+    resumed = fit(4, "--trainer.callbacks+=ctrlgen.callbacks.hpc_prune.HPCCheckpointPrune")
     assert Path(resumed.trainer.ckpt_path) == tmp_path / "hpc_ckpt_2.ckpt"  # the path Lightning picked ...
     assert resumed.trainer.global_step == 4 and len(resumed.model.seen_noise) == 2  # ... held step 2's state
     assert sorted(p.name for p in tmp_path.glob("hpc_ckpt_*")) == ["hpc_ckpt_2.ckpt"]
@@ -171,7 +171,7 @@ def test_safe_requeue_saves_at_step_boundary_requeues_and_resumes_exactly(shapes
     file is written for the batch script; the next fit resumes from it and trains steps 4..6 only."""
     import lightning as L
 
-    from lightning_modules.cli import CtrlgenCLI
+    from ctrlgen.lightning_modules.cli import CtrlgenCLI
 
     class Signal(L.Callback):  # stand-in for Slurm's --signal: arrives in the middle of step 3
         def on_before_optimizer_step(self, trainer, *args):
@@ -191,7 +191,7 @@ def test_safe_requeue_saves_at_step_boundary_requeues_and_resumes_exactly(shapes
         return CtrlgenCLI(args=["fit", "-c", "tests/configs/tiny.yaml", "--trainer.limit_val_batches=0",
                                 f"--data.init_args.train_shards={shapes_shards['train']}", "--trainer.max_steps=6",
                                 "--data.init_args.num_workers=1", f"--trainer.default_root_dir={tmp_path}",
-                                "--trainer.callbacks+=callbacks.hpc_prune.SafeRequeue", *extra])
+                                "--trainer.callbacks+=ctrlgen.callbacks.hpc_prune.SafeRequeue", *extra])
 
     before = signal.getsignal(signal.SIGUSR1)
     first = fit("--trainer.callbacks+=tests.test_hpc_prune.Signal")

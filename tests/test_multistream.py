@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from datamodules.multi import MultiStreamDataModule
-from datamodules.shards import encode_jpg, write_shards
+from ctrlgen.datamodules.multi import MultiStreamDataModule
+from ctrlgen.datamodules.shards import encode_jpg, write_shards
 
 
 def _set(tmp, name: str, n: int, fnum: float, shards: int = 2) -> str:
@@ -154,7 +154,7 @@ def test_config_errors(sets):
 
 
 def test_cli_config_instantiates(sets, monkeypatch):
-    from lightning_modules.cli import CtrlgenCLI
+    from ctrlgen.lightning_modules.cli import CtrlgenCLI
 
     for n in ("prompts", "shallow", "deep"):
         monkeypatch.setenv(f"CTRLGEN_TEST_{n.upper()}", sets[n])

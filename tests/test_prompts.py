@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.prompts import PromptDataModule
-from datamodules.shards import SKIPS, write_shards
-from lightning_modules.common.rollouts import (
+from ctrlgen.datamodules.prompts import PromptDataModule
+from ctrlgen.datamodules.shards import SKIPS, write_shards
+from ctrlgen.lightning_modules.common.rollouts import (
     group_advantages,
     group_stats,
     repeat_for_groups,
@@ -158,7 +158,7 @@ def test_group_stats():
 
 # ------------------------------------------------------------------------------------------------- toy policy
 def _fit(src, root, steps, extra=()):
-    from lightning_modules.cli import CtrlgenCLI
+    from ctrlgen.lightning_modules.cli import CtrlgenCLI
 
     return CtrlgenCLI(args=["fit", "-c", "tests/configs/tiny_policy.yaml", f"--data.init_args.train_prompts={src}",
                             f"--trainer.max_steps={steps}", f"--trainer.default_root_dir={root}", *extra])

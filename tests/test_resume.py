@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_modules.cli import CtrlgenCLI
+from ctrlgen.lightning_modules.cli import CtrlgenCLI
 from tests.conftest import assert_same_state
 
 

@@ -25,10 +25,10 @@ import pytest
 import torch
 from lightning.pytorch.utilities import data as pl_data
 
-from callbacks.data_health import DataHealthCallback
-from datamodules.shards import SKIPS, iter_samples, write_shards
-from lightning_modules.cli import CtrlgenCLI
-from lightning_modules.common.base import _batch_size
+from ctrlgen.callbacks.data_health import DataHealthCallback
+from ctrlgen.datamodules.shards import SKIPS, iter_samples, write_shards
+from ctrlgen.lightning_modules.cli import CtrlgenCLI
+from ctrlgen.lightning_modules.common.base import _batch_size
 from tests.conftest import assert_same_state
 
 CONFIG = "tests/configs/tiny_unpaired.yaml"

@@ -10,11 +10,11 @@ WORLDS = ("shapes",)
 def synth(world: str, out_dir: str | Path, n_train: int = 512, n_val: int = 64, n_test: int = 64, size: int = 64,
           seed: int = 0, shard_size: int = 128) -> dict[str, list[str]]:
     """Write ``{out_dir}/{split}-%06d.tar`` shards of a world; returns the shard paths per split."""
-    from datamodules.shards import write_shards
+    from ctrlgen.datamodules.shards import write_shards
 
     if world != "shapes":
         raise ValueError(f"unknown synthetic world {world!r}; available: {WORLDS}")
-    from datamodules.synth import shapes
+    from ctrlgen.datamodules.synth import shapes
 
     out = {}
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):

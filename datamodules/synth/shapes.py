@@ -103,7 +103,7 @@ def render(seed: int, split: str, index: int, size: int = 64) -> dict[str, Any]:
 
 def canny(image_rgb: np.ndarray) -> np.ndarray:
     """The world's canny condition, from the shared edge extractor (same object as the metric)."""
-    from lightning_modules.metrics.edges import get_edge_extractor
+    from ctrlgen.lightning_modules.metrics.edges import get_edge_extractor
 
     out = get_edge_extractor("cv2_canny_100_200")(image_rgb)
     return np.asarray(out).reshape(image_rgb.shape[:2]).astype(np.uint8) * (255 if np.asarray(out).max() <= 1 else 1)
@@ -111,7 +111,7 @@ def canny(image_rgb: np.ndarray) -> np.ndarray:
 
 def samples(seed: int, split: str, n: int, size: int = 64, start: int = 0) -> Iterator[dict[str, Any]]:
     """WebDataset samples: ``jpg`` (q95), ``cls``, ``canny.png`` (from the decoded jpg), ``depth.png``, ``normal.png``, ``json``."""
-    from datamodules.shards import decode_image, encode_jpg, encode_png
+    from ctrlgen.datamodules.shards import decode_image, encode_jpg, encode_png
 
     for i in range(start, start + n):
         r = render(seed, split, i, size)

@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_modules.common.recipe import bind_total_steps, global_batch_size, planned_iterations, scale_lr
+from ctrlgen.lightning_modules.common.recipe import bind_total_steps, global_batch_size, planned_iterations, scale_lr
 
 
 def global_seed() -> int:

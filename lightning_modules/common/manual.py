@@ -57,8 +57,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_modules.common.base import BaseGenModule, global_seed
-from lightning_modules.common.recipe import planned_iterations
+from ctrlgen.lightning_modules.common.base import BaseGenModule, global_seed
+from ctrlgen.lightning_modules.common.recipe import planned_iterations
 
 
 class ManualOptimModule(BaseGenModule):

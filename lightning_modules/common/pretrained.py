@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_modules.common.local_files import require_pretrained_dir
+from ctrlgen.lightning_modules.common.local_files import require_pretrained_dir
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "half": torch.float16, "16": torch.float16, "bf16": torch.bfloat16,

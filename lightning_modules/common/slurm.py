@@ -14,7 +14,7 @@ Three ways in (this file imports only the standard library; run as a script it a
 
 - ``check_trainer_config(cfg.trainer)`` / ``guard_or_exit(cfg.trainer)`` from the CLI after parsing, before any class is
   instantiated (the 2-line hook in ``lightning_modules/cli.py``, ``CtrlgenCLI.before_instantiate_classes``);
-- ``python -m lightning_modules.common.slurm fit|validate|test|predict ...``: the guarded ``ctrlgen`` entry point
+- ``python -m ctrlgen.lightning_modules.common.slurm fit|validate|test|predict ...``: the guarded ``ctrlgen`` entry point
   (checks (a) before the config is parsed, (b) on the parsed config), for scripts that cannot rely on the hook;
 - ``python lightning_modules/common/slurm.py preflight`` (a path, not ``-m``: skips the package imports): run by
   ``slurm/*.sbatch`` in the batch step before ``srun``
@@ -121,7 +121,7 @@ def launch_problems(devices: Any = None, num_nodes: Any = None, env: Mapping[str
             f"this SLURM job has {ntasks} tasks (SLURM_NTASKS={ntasks}) but the training command was not started by "
             "`srun` (SLURM_STEP_ID is unset: this is the batch script itself). Lightning takes its world size from "
             f"Slurm and would wait forever at 'Initializing distributed: GLOBAL_RANK: 0, MEMBER: 1/{ntasks}' for ranks "
-            "that never start. Launch it as `srun python -m lightning_modules.cli fit ...` (or `srun ctrlgen fit ...`)")
+            "that never start. Launch it as `srun python -m ctrlgen.lightning_modules.cli fit ...` (or `srun ctrlgen fit ...`)")
     if ntasks > 1 and per_node is None:
         problems.append(
             f"the job asks for --ntasks={ntasks} without --ntasks-per-node; Lightning needs the per-node count. "
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     if cmd == "check":  # check [--devices N] [--num-nodes M]
         import argparse
 
-        p = argparse.ArgumentParser(prog="python -m lightning_modules.common.slurm check")
+        p = argparse.ArgumentParser(prog="python -m ctrlgen.lightning_modules.common.slurm check")
         p.add_argument("--devices")
         p.add_argument("--num-nodes")
         a = p.parse_args(argv[1:])
@@ -227,10 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     # guarded `ctrlgen`: (a) before the heavy imports, (b) once the config is parsed
     guard_or_exit(None)
     if cmd not in ("fit", "validate", "test", "predict"):
-        from lightning_modules.cli import main as cli_main
+        from ctrlgen.lightning_modules.cli import main as cli_main
 
         return cli_main(argv)
-    from lightning_modules.cli import CtrlgenCLI
+    from ctrlgen.lightning_modules.cli import CtrlgenCLI
 
     class GuardedCLI(CtrlgenCLI):
         def before_instantiate_classes(self) -> None:

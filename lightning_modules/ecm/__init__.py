@@ -102,7 +102,7 @@ __all__ = [
     "vq_scale_loss",
 ]
 
-# LightningModules (import Lightning; re-exported so configs can say ``lightning_modules.ecm.ECMModule``)
+# LightningModules (import Lightning; re-exported so configs can say ``ctrlgen.lightning_modules.ecm.ECMModule``)
 from .module_ecm import ECMModule  # noqa: E402
 from .module_var import VARModule  # noqa: E402
 from .module_vqvae import VQVAEModule  # noqa: E402

@@ -12,9 +12,9 @@ from typing import Any
 
 from torch import nn
 
-from lightning_modules.ecm.checkpoint import load_state_dict_strict, sha256_of
-from lightning_modules.ecm.var import VAR, build_var
-from lightning_modules.ecm.vqvae import VQVAE, build_vqvae
+from ctrlgen.lightning_modules.ecm.checkpoint import load_state_dict_strict, sha256_of
+from ctrlgen.lightning_modules.ecm.var import VAR, build_var
+from ctrlgen.lightning_modules.ecm.vqvae import VQVAE, build_vqvae
 
 
 def load_weights(module: nn.Module, path: str | Path, prefix: str) -> dict[str, Any]:

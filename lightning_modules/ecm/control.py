@@ -1,6 +1,6 @@
 """ECM control net (spec §2.1–§2.2): ViT condition encoder → per-scale control tokens r (B, L, C), adapters
 after chosen frozen-VAR blocks (own AdaLN + own VAR attention + one shared FFN), tanh gates (init 0 → exactly
-the frozen VAR), input injection x_0 += G_in ⊙ r. Plugs into :class:`~lightning_modules.ecm.var.VAR` through
+the frozen VAR), input injection x_0 += G_in ⊙ r. Plugs into :class:`~ctrlgen.lightning_modules.ecm.var.VAR` through
 its hook protocol, so the frozen VAR is never a submodule (checkpoints of this net exclude the base).
 """
 from __future__ import annotations
@@ -305,7 +305,7 @@ class ECMControlNet(nn.Module):
 
 def compile_control(net: ECMControlNet, **compile_kw) -> ECMControlNet:
     """Regional compilation, in place (state-dict keys unchanged): ``nn.Module.compile`` on every adapter and
-    every ViT block (pair with :func:`~lightning_modules.ecm.fastpath.compile_blocks` for the VAR; raises the dynamo
+    every ViT block (pair with :func:`~ctrlgen.lightning_modules.ecm.fastpath.compile_blocks` for the VAR; raises the dynamo
     recompile limit to 64 like it). Returns ``net``."""
     raise_recompile_limit(64)
     for m in [*net.adapters, *net.cond_encoder.blocks]:

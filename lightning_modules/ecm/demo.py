@@ -23,7 +23,9 @@ import lightning as L
 from rich.console import Console
 from rich.table import Table
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "ecm"
+from ctrlgen.configs import CONFIG_DIR
+
+CONFIGS = CONFIG_DIR / "ecm"
 SIZE = 32
 # Steps per stage (`--fast`: a tenth). Sized for ≤ 15 min in total on 2 CPU cores (docs/results.md has a measured run).
 DEFAULT_STEPS = {"vqvae": 300, "var": 400, "ecm": 300, "fullft": 300}
@@ -56,7 +58,7 @@ def _step_time(cli) -> float | None:
 
 
 def _cli(args: list[str]):
-    from lightning_modules.cli import CtrlgenCLI, configure_wandb_mode
+    from ctrlgen.lightning_modules.cli import CtrlgenCLI, configure_wandb_mode
 
     configure_wandb_mode()
     try:
@@ -81,7 +83,7 @@ def _data_args(shards: Path, test: bool = False) -> list[str]:
 def _steps(n: int, fast: bool) -> list[str]:
     n = max(4, n // 10) if fast else n
     return [f"--trainer.max_steps={n}", f"--trainer.val_check_interval={n}",
-            f"--data.init_args.train_batches_per_epoch={n}", "--trainer.callbacks+=lightning_modules.ecm.demo.StepTimer"]
+            f"--data.init_args.train_batches_per_epoch={n}", "--trainer.callbacks+=ctrlgen.lightning_modules.ecm.demo.StepTimer"]
 
 
 def _threads() -> int:
@@ -137,7 +139,7 @@ def run_demo(out: Path, fast: bool = False, steps: dict[str, int] | None = None,
     in a second process while this one runs the ECM branch; its console output goes to ``out/fullft.log``."""
     import torch
 
-    from datamodules.synth import synth
+    from ctrlgen.datamodules.synth import synth
 
     console = Console()
     torch.set_num_threads(_threads())
@@ -175,7 +177,7 @@ def run_demo(out: Path, fast: bool = False, steps: dict[str, int] | None = None,
         spec = {"out": str(out), "name": "fullft", "n": steps["fullft"], "fast": fast, "bases": bases,
                 "extra": ft_extra, "result": str(result)}
         env = {**os.environ, "OMP_NUM_THREADS": str(_threads())}
-        code = "import sys; from lightning_modules.ecm.demo import _child; _child(sys.argv[1])"
+        code = "import sys; from ctrlgen.lightning_modules.ecm.demo import _child; _child(sys.argv[1])"
         log = open(out / "fullft.log", "w")  # noqa: SIM115 (closed once the child has ended)
         child = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], stdout=log, stderr=subprocess.STDOUT,
                                  env=env)

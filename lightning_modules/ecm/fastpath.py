@@ -37,7 +37,7 @@ class StaticCFGSampler:
 
     Everything is preallocated or allocated once (KV caches of the VAR blocks and of the hook, noise, label and
     hook inputs), every per-scale step has fixed shapes, and no step syncs with the host: the token draw is
-    argmax(p / q) (:func:`~lightning_modules.ecm.sampling.sample_with_noise`) with q ~ Exp(1) drawn **outside**
+    argmax(p / q) (:func:`~ctrlgen.lightning_modules.ecm.sampling.sample_with_noise`) with q ~ Exp(1) drawn **outside**
     the step, per scale, from the caller's generator into one buffer. That is exactly the Exp(1) draw that
     ``torch.multinomial(p, 1)`` makes, in the same order and shapes, so with the same generator this sampler
     gives the eager sampler's tokens and leaves the generator in the same state.

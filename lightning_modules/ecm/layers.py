@@ -1,6 +1,6 @@
 """VAR's layers (FoundationVision/VAR ``models/basic_var.py``), spec §3.4: stochastic depth, the l2-normalised
 self-attention with its optional KV cache, the FFN and the AdaLN blocks. The ECM adapters
-(:mod:`lightning_modules.ecm.control`) reuse :class:`SelfAttention`, :class:`FFN` and :func:`ada_modulate`.
+(:mod:`ctrlgen.lightning_modules.ecm.control`) reuse :class:`SelfAttention`, :class:`FFN` and :func:`ada_modulate`.
 
 State-dict keys are those of the official modules (the manifests in ``tests/fixtures``); :class:`DropPath` keeps
 its rate in a non-persistent buffer, so ``torch.compile`` shares one graph between blocks with different rates.

@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from datamodules.base import ResumableDataModule
-from lightning_modules.common.base import batch_seed, decay_groups, global_seed
-from lightning_modules.common.histogram import log_histogram
-from lightning_modules.ecm.bases import load_weights
-from lightning_modules.ecm.control import ECMControlNet
-from lightning_modules.ecm.module_var import VARBase
-from lightning_modules.ecm.sampling import (DEFAULT_TRUNC_PROBS, draw_trunc_scale, normalize_trunc_probs,
+from ctrlgen.datamodules.base import ResumableDataModule
+from ctrlgen.lightning_modules.common.base import batch_seed, decay_groups, global_seed
+from ctrlgen.lightning_modules.common.histogram import log_histogram
+from ctrlgen.lightning_modules.ecm.bases import load_weights
+from ctrlgen.lightning_modules.ecm.control import ECMControlNet
+from ctrlgen.lightning_modules.ecm.module_var import VARBase
+from ctrlgen.lightning_modules.ecm.sampling import (DEFAULT_TRUNC_PROBS, draw_trunc_scale, normalize_trunc_probs,
                                             temperature_schedule, trunc_generator)
 
 _NO_DECAY = ("gates", "gate_in", "type_embed", "pos_embed", "scale_mul", "class_emb", "lvl_embed", "pos_")
@@ -83,7 +83,7 @@ class ECMModule(VARBase):
         switch = K - 2 if temp_switch_scale is None else temp_switch_scale
         self.temperatures = temperature_schedule(K, temp_schedule, temp_high, temp_low, switch)
         self.cfg_control, self.edge_extractor, self.eval_base = cfg_control, edge_extractor, eval_base
-        from lightning_modules.metrics.control import CannyF1, MeanSEM
+        from ctrlgen.lightning_modules.metrics.control import CannyF1, MeanSEM
 
         self.f1_ecm = CannyF1(edge_extractor)
         self.f1_base = CannyF1(edge_extractor)
@@ -94,12 +94,12 @@ class ECMModule(VARBase):
         self.val_f1 = CannyF1(edge_extractor)  # controlled samples of the fixed validation subset
         self.gen_metrics = self.depth_rmse = self.val_depth_rmse = None
         if distribution_metrics:  # FID + P/R (k=3) [+ IS with Inception] from one feature pass (platform.md §5)
-            from lightning_modules.metrics.distribution import GenerativeMetrics
+            from ctrlgen.lightning_modules.metrics.distribution import GenerativeMetrics
 
             self.gen_metrics = GenerativeMetrics(fid_feature, inception_weights=inception_weights,
                                                  compute_is=fid_feature is None)
         if "depth" in self.condition_types and depth_estimator_dir:
-            from lightning_modules.metrics.control import DepthRMSE, TransformersDepthEstimator
+            from ctrlgen.lightning_modules.metrics.control import DepthRMSE, TransformersDepthEstimator
 
             estimator = TransformersDepthEstimator(depth_estimator_dir)
             self.depth_rmse, self.val_depth_rmse = DepthRMSE(estimator), DepthRMSE(estimator)
@@ -272,7 +272,7 @@ class ECMModule(VARBase):
 
     @torch.no_grad()
     def sample_images(self, batch: dict[str, Any], n: int) -> dict[str, torch.Tensor]:
-        from lightning_modules.metrics.edges import get_edge_extractor
+        from ctrlgen.lightning_modules.metrics.edges import get_edge_extractor
 
         ecm = self.sample(batch, True, n)
         edges = get_edge_extractor(self.edge_extractor)(ecm).float().div(255).expand(-1, 3, -1, -1)

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_modules.common.base import BaseGenModule, decay_groups
-from lightning_modules.ecm.bases import check_compatible, make_var, make_vqvae
-from lightning_modules.ecm.losses import token_ce
-from lightning_modules.ecm.var import SAMPLERS
+from ctrlgen.lightning_modules.common.base import BaseGenModule, decay_groups
+from ctrlgen.lightning_modules.ecm.bases import check_compatible, make_var, make_vqvae
+from ctrlgen.lightning_modules.ecm.losses import token_ce
+from ctrlgen.lightning_modules.ecm.var import SAMPLERS
 
 
 def split_codes(codes_BL: torch.Tensor, begin_ends: list[tuple[int, int]], upto: int | None = None) -> list[torch.Tensor]:
@@ -113,7 +113,7 @@ class VARBase(BaseGenModule):
         of the weights that made them (``ctrlgen data tokenize``). A mismatch fails (or warns, ``base_mismatch``)."""
         if not getattr(dm, "pretokenized", False):
             return
-        from datamodules.shards import expand_urls, is_remote
+        from ctrlgen.datamodules.shards import expand_urls, is_remote
 
         live = (self.vqvae_info or {}).get("sha256")
         for split, spec in getattr(dm, "shards", {}).items():

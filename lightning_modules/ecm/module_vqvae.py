@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from lightning_modules.common.base import BaseGenModule, decay_groups
-from lightning_modules.ecm.bases import make_vqvae
-from lightning_modules.ecm.losses import recon_loss
+from ctrlgen.lightning_modules.common.base import BaseGenModule, decay_groups
+from ctrlgen.lightning_modules.ecm.bases import make_vqvae
+from ctrlgen.lightning_modules.ecm.losses import recon_loss
 
 
 class VQVAEModule(BaseGenModule):

@@ -2,7 +2,7 @@
 
 Every sample of the input shards is resized (shorter side → ``mid_reso`` × the VQVAE's ``image_size``; VAR's 1.125 by
 default, the crop ``ECMDataModule`` evaluates on) and centre-cropped with
-:func:`datamodules.ecm.resize_crop`, the function the ECM loader uses, applied to the image **and** every image-typed key
+:func:`ctrlgen.datamodules.ecm.resize_crop`, the function the ECM loader uses, applied to the image **and** every image-typed key
 (``canny.png``, ``depth.png``, ``normal.png``, …) alike, so condition maps and codes describe the same crop. The crop is
 re-encoded (JPEG stays JPEG at ``jpeg_quality``, condition maps stay lossless PNG, 16-bit PNGs stay 16-bit) and the codes
 are computed from the **decoded re-encoded** image, i.e. from exactly the pixels ``ECMDataModule(pretokenized=True)``
@@ -69,7 +69,7 @@ def vqvae_args_from_config(config: str | os.PathLike | dict) -> dict[str, Any]:
 
 def build_tokenizer(config: str | os.PathLike | dict, ckpt: str | None = None, allow_random: bool = False):
     """(VQVAE in eval mode, provenance dict) from a config; ``ckpt`` overrides the config's weights path."""
-    from lightning_modules.ecm.bases import make_vqvae
+    from ctrlgen.lightning_modules.ecm.bases import make_vqvae
 
     args = vqvae_args_from_config(config)
     weights = ckpt or args["weights"]
@@ -136,8 +136,8 @@ def prepare_crops(raw: dict[str, Any], size: int, image_key: str = "auto", jpeg_
     """``prepare_sample``'s centre crop (crop 0, unprefixed keys) plus ``crops`` − 1 random crops stored under
     ``c<j>.`` keys; (output sample without codes, the pixels to tokenise per crop). The image and its maps are decoded
     once for all crops. Stale ``c<j>.`` and ``vq.npy`` keys of the input are dropped."""
-    from datamodules.ecm import CROP_KEY, crop_prefix, resize_crop
-    from datamodules.shards import decode_image
+    from ctrlgen.datamodules.ecm import CROP_KEY, crop_prefix, resize_crop
+    from ctrlgen.datamodules.shards import decode_image
 
     ikey = find_image_key(raw, image_key)
     img = decode_image(raw[ikey], "RGB")
@@ -179,7 +179,7 @@ class _ShardReader(IterableDataset):
         self.mid_reso, self.crops = mid_reso, crops
 
     def __iter__(self) -> Iterator[tuple]:
-        from datamodules.shards import iter_samples
+        from ctrlgen.datamodules.shards import iter_samples
 
         info = get_worker_info()
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
@@ -236,8 +236,8 @@ def tokenize_cli(shards: str | Sequence[str], out: str, config: str | os.PathLik
     samples, so the VQVAE sees up to ``batch_size × crops_per_image`` images at once."""
     from webdataset import TarWriter
 
-    from datamodules.ecm import check_mid_reso
-    from datamodules.shards import resolve_shards
+    from ctrlgen.datamodules.ecm import check_mid_reso
+    from ctrlgen.datamodules.shards import resolve_shards
 
     t0 = time.perf_counter()
     urls = resolve_shards(shards, "tokenize --shards")
@@ -279,7 +279,7 @@ def tokenize_cli(shards: str | Sequence[str], out: str, config: str | os.PathLik
         nonlocal n_done
         if not pending:
             return
-        # = datamodules.ecm.to_signed + collate: contiguous NCHW (a channels-last view picks other conv kernels on
+        # = ctrlgen.datamodules.ecm.to_signed + collate: contiguous NCHW (a channels-last view picks other conv kernels on
         # CPU, whose rounding flips near-tie codes against the loader's on-the-fly path)
         x = torch.from_numpy(np.stack([p for _, _, ps in pending for p in ps])).to(dev).permute(0, 3, 1, 2).contiguous()
         x = x.float() / 127.5 - 1.0
@@ -289,7 +289,7 @@ def tokenize_cli(shards: str | Sequence[str], out: str, config: str | os.PathLik
         if codes.shape[1] != L or codes.max(initial=0) >= vq.vocab_size:
             raise RuntimeError(f"tokenize: unexpected codes {codes.shape} (L {L}, V {vq.vocab_size})")
         row = 0
-        from datamodules.ecm import crop_prefix
+        from ctrlgen.datamodules.ecm import crop_prefix
 
         for i, sample, ps in pending:
             for j in range(len(ps)):

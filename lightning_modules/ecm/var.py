@@ -5,20 +5,20 @@ Differences from the official code, by design: no global monkey-patching (Q1; ev
 :meth:`VAR.init_weights`), class dropout only in training (Q2), the VQVAE is an argument of the sampler
 rather than a hidden proxy, and an external *hook* can steer the forward (ECM adapters, §2.2).
 
-Hook contract (used by :mod:`lightning_modules.ecm.control`): ``hook`` is any callable
+Hook contract (used by :mod:`ctrlgen.lightning_modules.ecm.control`): ``hook`` is any callable
 ``hook(block_idx, h, cond_BD, attn_bias) -> h`` called after every block (``attn_bias`` is the sliced
 block-causal mask in teacher forcing, ``None`` in KV-cached sampling, where ``h`` holds only the current
 scale's rows). Optional methods are called when present (see :class:`VARHook`):
 ``prepare(bg, ed) -> Tensor | None`` once per forward (bg = 0) or per sampled scale, returning an additive
 term for the input embeddings x_0 of positions [bg, ed); ``kv_caching(enable, max_len)`` around sampling.
-The static / CUDA-graph sampler (:class:`~lightning_modules.ecm.fastpath.StaticCFGSampler`) also needs
-``cache_modules()`` (the hook's own :class:`~lightning_modules.ecm.layers.SelfAttention` modules, with
+The static / CUDA-graph sampler (:class:`~ctrlgen.lightning_modules.ecm.fastpath.StaticCFGSampler`) also needs
+``cache_modules()`` (the hook's own :class:`~ctrlgen.lightning_modules.ecm.layers.SelfAttention` modules, with
 ``cache_rows(rows)`` if they cache fewer rows than the VAR), ``static_key()``, ``static_clone()`` and
 ``load_inputs_(hook)`` (see :class:`VARHook`).
 
-The layers (attention, FFN, AdaLN blocks, drop-path) live in :mod:`lightning_modules.ecm.layers`.
-Compilation: :func:`~lightning_modules.ecm.fastpath.compile_blocks` compiles each block in place (regional
-``torch.compile``); because :class:`~lightning_modules.ecm.layers.DropPath` keeps its rate in a buffer, blocks with
+The layers (attention, FFN, AdaLN blocks, drop-path) live in :mod:`ctrlgen.lightning_modules.ecm.layers`.
+Compilation: :func:`~ctrlgen.lightning_modules.ecm.fastpath.compile_blocks` compiles each block in place (regional
+``torch.compile``); because :class:`~ctrlgen.lightning_modules.ecm.layers.DropPath` keeps its rate in a buffer, blocks with
 different rates share one graph per shape.
 """
 from __future__ import annotations

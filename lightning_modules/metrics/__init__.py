@@ -4,7 +4,7 @@ Submodules: ``edges`` (EdgeExtractor registry), ``control`` (Canny F1, depth RMS
 ``inception`` (the local TF Inception), ``distribution`` (FID / IS / KID / improved P-R), ``refstats`` (reference
 statistics), ``perceptual`` (LPIPS), ``clip`` (CLIP score), ``results`` (tables), ``plots`` (figures).
 
-Re-exports are lazy (PEP 562): ``import lightning_modules.metrics.edges`` — what the datamodules do — does not
+Re-exports are lazy (PEP 562): ``import ctrlgen.lightning_modules.metrics.edges`` — what the datamodules do — does not
 import torchmetrics, transformers or matplotlib.
 """
 

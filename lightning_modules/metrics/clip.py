@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.common.local_files import require_pretrained_dir
+from ctrlgen.lightning_modules.common.local_files import require_pretrained_dir
 
 __all__ = [
     "CLIP_MODEL_DIR_ENV",

@@ -1,7 +1,7 @@
 """Control-fidelity metrics: Canny F1 and depth RMSE (pure functions + DDP-safe torchmetrics ``Metric``s).
 
 Canny F1 (ecm.md §6, ControlNet / CAR / ControlAR): edges are re-extracted from the generated image with the
-*same* :class:`~lightning_modules.metrics.edges.EdgeExtractor` that produced the condition, both maps are
+*same* :class:`~ctrlgen.lightning_modules.metrics.edges.EdgeExtractor` that produced the condition, both maps are
 binarised (``> 128`` for 0–255 maps, bool as is), and a per-pixel binary F1 is computed per image, then averaged.
 
 Depth RMSE (ControlNet++ ``eval/eval_depth.py``, platform.md §5): the estimator's depth of the generated image is
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_modules.common.local_files import require_pretrained_dir
+from ctrlgen.lightning_modules.common.local_files import require_pretrained_dir
 
 from .edges import DEFAULT_EDGE_EXTRACTOR, EdgeExtractor, get_edge_extractor
 

@@ -6,7 +6,7 @@
 * :func:`fid_metric`, :func:`kid_metric`, :func:`is_metric` — torchmetrics' FID/KID/IS with an injected extractor.
 * Pure functions: :func:`frechet_distance`, :func:`improved_precision_recall`, :func:`inception_score_from_logits`.
 
-The default extractor is the local TF Inception of :mod:`lightning_modules.metrics.inception`. Any ``nn.Module`` can
+The default extractor is the local TF Inception of :mod:`ctrlgen.lightning_modules.metrics.inception`. Any ``nn.Module`` can
 be the ``feature`` extractor (unit tests inject a tiny conv + mean-pool net): it receives the images untouched and
 returns (N,D) features, or a ``(features, logits)`` tuple, or a dict with ``"features"`` and ``"logits"`` keys. It
 should expose ``num_features`` (else a dummy forward runs at construction).
@@ -176,7 +176,7 @@ class GenerativeMetrics(Metric):
       ``inception_weights`` / ``$FID_INCEPTION_WEIGHTS`` / ``$TORCH_HOME``. With the Inception and ``compute_is``,
       the same forward also returns the unbiased logits.
     * ``reference``: precomputed real statistics (an object with ``mu``, ``sigma`` and optional ``features``; see
-      :mod:`lightning_modules.metrics.refstats`). Then ``update(..., real=True)`` is an error.
+      :mod:`ctrlgen.lightning_modules.metrics.refstats`). Then ``update(..., real=True)`` is an error.
     * States: FID sums and covariance sums (float64, ``sum``), features/logits lists (``cat``): DDP-safe.
     """
 

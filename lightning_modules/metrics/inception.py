@@ -8,7 +8,7 @@
   from a **local file** only (argument, ``$FID_INCEPTION_WEIGHTS`` or ``$TORCH_HOME``); nothing is downloaded.
 * :func:`tf1_bilinear_resize` — TF1.x ``resize_bilinear`` (align_corners=False, half_pixel_centers=False).
 
-The metrics that use it are in :mod:`lightning_modules.metrics.distribution`.
+The metrics that use it are in :mod:`ctrlgen.lightning_modules.metrics.distribution`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.common.local_files import find_local_file
+from ctrlgen.lightning_modules.common.local_files import find_local_file
 
 __all__ = [
     "INCEPTION_WEIGHTS_ENV",

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from lightning_modules.common.local_files import find_local_file
+from ctrlgen.lightning_modules.common.local_files import find_local_file
 
 __all__ = [
     "LPIPS",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_modules.common.local_files import find_local_file, require_pretrained_dir
+from ctrlgen.lightning_modules.common.local_files import find_local_file, require_pretrained_dir
 
 
 def test_require_pretrained_dir(tmp_path, monkeypatch):

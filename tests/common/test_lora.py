@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_modules.common.base import BaseGenModule
-from lightning_modules.common.lora import (
+from ctrlgen.lightning_modules.common.base import BaseGenModule
+from ctrlgen.lightning_modules.common.lora import (
     add_lora,
     export_lora,
     is_lora_key,
@@ -264,7 +264,7 @@ def test_checkpoint_keeps_trainable_keys_under_frozen_prefixes():
 
 # ----------------------------------------------------------------------------------------- CLI fit and resume
 def _fit(shards, unet_dir, root, steps, extra=()):
-    from lightning_modules.cli import CtrlgenCLI
+    from ctrlgen.lightning_modules.cli import CtrlgenCLI
 
     return CtrlgenCLI(args=["fit", "-c", "tests/configs/tiny_lora.yaml", f"--model.init_args.unet_dir={unet_dir}",
                             f"--data.init_args.train_shards={shards['train']}",

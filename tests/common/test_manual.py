@@ -13,8 +13,8 @@ import pytest
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from lightning_modules.cli import CtrlgenCLI
-from lightning_modules.common.manual import ManualOptimModule
+from ctrlgen.lightning_modules.cli import CtrlgenCLI
+from ctrlgen.lightning_modules.common.manual import ManualOptimModule
 from tests.conftest import assert_same_state
 from tests.helpers.tiny_gan import TinyGANModule
 
@@ -101,7 +101,7 @@ def test_global_batch_lr_and_schedules_per_optimizer():
     ``total_steps: null`` schedule is bound to that optimizer's own updates: ⌈max_iterations / update_every⌉."""
     from types import SimpleNamespace
 
-    from lightning_modules.common.schedules import WarmupLinear
+    from ctrlgen.lightning_modules.common.schedules import WarmupLinear
 
     m = TinyGANModule(optimizers={"generator": lambda p: torch.optim.AdamW(p, lr=1e-4),
                                   "critic": lambda p: torch.optim.AdamW(p, lr=2e-4)},

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_modules.common.pretrained import (
+from ctrlgen.lightning_modules.common.pretrained import (
     kind_of,
     load_frozen,
     resolve_class,

@@ -9,9 +9,9 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules.base import ResumableDataModule
-from lightning_modules.common.recipe import bind_total_steps, global_batch_size, planned_iterations, scale_lr
-from lightning_modules.common.schedules import WarmupLinear, warmup_linear_factor
+from ctrlgen.datamodules.base import ResumableDataModule
+from ctrlgen.lightning_modules.common.recipe import bind_total_steps, global_batch_size, planned_iterations, scale_lr
+from ctrlgen.lightning_modules.common.schedules import WarmupLinear, warmup_linear_factor
 
 
 def _trainer(**kw):
@@ -95,8 +95,8 @@ def test_samples_per_epoch_follow_the_world_size():
 def test_fit_scales_lr_and_binds_the_schedule(shapes_shards, tmp_path):
     """A real fit: per-device batch 4 × accumulate 2 = 8 = 2 × lr_reference_batch 4 → lr × 2; the schedule is bound
     to max_epochs × ⌈(40 samples / 4) / 2⌉ = 2 × 5 = 10 optimizer steps and ends at end_factor."""
-    from datamodules.ecm import ECMDataModule
-    from lightning_modules.common.schedules import WarmupLinear as WL
+    from ctrlgen.datamodules.ecm import ECMDataModule
+    from ctrlgen.lightning_modules.common.schedules import WarmupLinear as WL
     from tests.helpers.tiny_module import TinyAEModule
 
     L.seed_everything(0)

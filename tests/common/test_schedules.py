@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_modules.common.schedules import WarmupLinear, warmup_linear_factor
+from ctrlgen.lightning_modules.common.schedules import WarmupLinear, warmup_linear_factor
 
 
 def test_warmup_then_linear_decay():

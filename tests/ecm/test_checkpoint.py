@@ -7,17 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.ecm.checkpoint import (
+from ctrlgen.lightning_modules.ecm.checkpoint import (
     fake_state_dict,
     find_fixtures_dir,
     load_state_dict_strict,
     read_manifest,
     sha256_of,
 )
-from lightning_modules.ecm.control import CONTROL_PRESETS, ECMControlNet
-from lightning_modules.ecm.scales import block_causal_bias, lvl_index
-from lightning_modules.ecm.var import VAR, build_var
-from lightning_modules.ecm.vqvae import VQVAE
+from ctrlgen.lightning_modules.ecm.control import CONTROL_PRESETS, ECMControlNet
+from ctrlgen.lightning_modules.ecm.scales import block_causal_bias, lvl_index
+from ctrlgen.lightning_modules.ecm.var import VAR, build_var
+from ctrlgen.lightning_modules.ecm.vqvae import VQVAE
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "fixtures"  # vendored copies of shared/fixtures/*.tsv
 FIX = find_fixtures_dir()  # where the (large, not vendored) official weights may live

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.ecm.control import CONTROL_PRESETS, ECMControlNet, freeze_backbone
-from lightning_modules.ecm.var import build_var
+from ctrlgen.lightning_modules.ecm.control import CONTROL_PRESETS, ECMControlNet, freeze_backbone
+from ctrlgen.lightning_modules.ecm.var import build_var
 
 
 def _var(drop_path=0.0):
@@ -86,8 +86,8 @@ def test_checkpointing_is_off_without_grad(monkeypatch):
     """Under no_grad (sampling, validation) nothing is checkpointed: a checkpoint would only cost a wrapper per block
     and adapter. Counted at the two call sites; with grad enabled the same forward checkpoints every block and
     adapter (the positive control)."""
-    import lightning_modules.ecm.control as control_mod
-    import lightning_modules.ecm.var as var_mod
+    import ctrlgen.lightning_modules.ecm.control as control_mod
+    import ctrlgen.lightning_modules.ecm.var as var_mod
 
     calls = []
 

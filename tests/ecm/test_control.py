@@ -5,16 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.ecm.control import (
+from ctrlgen.lightning_modules.ecm.control import (
     CONTROL_PRESETS,
     ECMControlNet,
     adapter_positions,
     freeze_backbone,
     per_scale_tokens,
 )
-from lightning_modules.ecm.scales import ends_for
-from lightning_modules.ecm.var import VAR, build_var
-from lightning_modules.ecm.vqvae import build_vqvae
+from ctrlgen.lightning_modules.ecm.scales import ends_for
+from ctrlgen.lightning_modules.ecm.var import VAR, build_var
+from ctrlgen.lightning_modules.ecm.vqvae import build_vqvae
 
 
 def _n(m, trainable_only=False):

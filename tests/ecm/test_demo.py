@@ -23,7 +23,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {**cli_env(), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     env.pop("WANDB_SERVICE", None)
-    r = subprocess.run([sys.executable, "-m", "lightning_modules.cli", "demo", "ecm", "--fast", "--out", str(out),
+    r = subprocess.run([sys.executable, "-m", "ctrlgen.lightning_modules.cli", "demo", "ecm", "--fast", "--out", str(out),
                         "--steps", "vqvae=40,var=40,ecm=40,fullft=40"], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600, check=False)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]

@@ -15,26 +15,26 @@ import torch._dynamo as dynamo
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_modules.ecm.control import (
+from ctrlgen.lightning_modules.ecm.control import (
     CONTROL_PRESETS,
     ECMControlNet,
     compile_control,
     freeze_backbone,
 )
-from lightning_modules.ecm.fastpath import (
+from ctrlgen.lightning_modules.ecm.fastpath import (
     StaticCFGSampler,
     compile_blocks,
     fast_decoder,
     plain_decoder,
 )
-from lightning_modules.ecm.layers import DropPath
-from lightning_modules.ecm.sampling import (
+from ctrlgen.lightning_modules.ecm.layers import DropPath
+from ctrlgen.lightning_modules.ecm.sampling import (
     exponential_noise,
     sample_top_k_top_p,
     sample_with_noise,
 )
-from lightning_modules.ecm.var import VARHook, build_var
-from lightning_modules.ecm.vqvae import build_vqvae
+from ctrlgen.lightning_modules.ecm.var import VARHook, build_var
+from ctrlgen.lightning_modules.ecm.vqvae import build_vqvae
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPS = [1.0, 1.0, 1.0, 1.0, 0.8, 0.7]  # tiny schedule: 6 scales

@@ -6,8 +6,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-import lightning_modules.ecm as ecm
-from lightning_modules.ecm.control import CONTROL_PRESETS
+import ctrlgen.lightning_modules.ecm as ecm
+from ctrlgen.lightning_modules.ecm.control import CONTROL_PRESETS
 
 TINY = {"var_preset": "tiny", "vqvae_preset": "tiny", "var_overrides": {"depth": 2, "embed_dim": 64, "num_heads": 2}}
 CONTROL = {**CONTROL_PRESETS["tiny"], "every": 1, "offset": 0}
@@ -69,8 +69,8 @@ def test_early_centric_default_per_mode_and_explicit_ablation():
 def test_checkpoint_records_frozen_bases_and_refuses_another(tmp_path):
     """ecm.md §2.5: the checkpoint names the frozen bases it left out (path + sha256); loading it on other base files
     fails naming both (or warns with base_mismatch=warn); the same file loads quietly."""
-    from lightning_modules.ecm.checkpoint import sha256_of
-    from lightning_modules.ecm.var import build_var
+    from ctrlgen.lightning_modules.ecm.checkpoint import sha256_of
+    from ctrlgen.lightning_modules.ecm.var import build_var
 
     files = {}
     for name, seed in (("a", 1), ("b", 2)):
@@ -133,7 +133,7 @@ def test_test_metrics_score_only_rows_of_their_condition_type(monkeypatch):
 def test_data_and_model_must_agree_on_condition_types_and_extractor():
     """The type order is the type-embedding index and the metric routing; with canny_on_the_fly the loader's extractor
     must be the metric's. A mismatch fails at setup, before training, naming both settings."""
-    from datamodules.ecm import ECMDataModule
+    from ctrlgen.datamodules.ecm import ECMDataModule
 
     m = _module("ECMModule", condition_types=["canny", "depth"])
 
@@ -153,8 +153,8 @@ def test_dropout_draws_differ_across_ranks_and_repeat_per_batch(monkeypatch):
     """Class dropout, control dropout and drop-path draw from torch's global RNG; BaseGenModule re-seeds it per (seed,
     rank, optimizer step, micro-batch) before every training batch, so ranks drop different rows (Lightning seeds
     every rank alike) and the same step of the same rank draws the same again (also after a resume)."""
-    from lightning_modules.common.base import batch_seed
-    from lightning_modules.ecm.var import drop_labels
+    from ctrlgen.lightning_modules.common.base import batch_seed
+    from ctrlgen.lightning_modules.ecm.var import drop_labels
 
     m = _module("VARModule")
     labels = torch.arange(64)

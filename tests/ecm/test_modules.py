@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.cli import CtrlgenCLI
+from ctrlgen.lightning_modules.cli import CtrlgenCLI
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,7 +62,7 @@ def test_ecm_trains_adapters_only_and_keeps_base_frozen(shapes_shards, tmp_path,
     logged = cli.trainer.logged_metrics
     assert "train/tokens" in logged and "train/trunc_scale" in logged and "train/gate0" in logged
     # validation scored controlled samples of the first val batch (val_control_batches: 1): recompute them
-    from lightning_modules.metrics.control import CannyF1
+    from ctrlgen.lightning_modules.metrics.control import CannyF1
 
     batch = next(iter(cli.datamodule.val_dataloader()))
     m.eval()
@@ -73,7 +73,7 @@ def test_ecm_trains_adapters_only_and_keeps_base_frozen(shapes_shards, tmp_path,
 
 def test_ecm_test_reports_canny_f1_and_resumes_from_small_checkpoint(shapes_shards, tmp_path, bases, capsys,
                                                                       monkeypatch):
-    from lightning_modules.metrics.control import MeanSEM
+    from ctrlgen.lightning_modules.metrics.control import MeanSEM
 
     CtrlgenCLI(args=["fit", *_ecm_args(shapes_shards, tmp_path / "fit", bases, steps=2)])
     ckpt = tmp_path / "fit" / "checkpoints" / "last.ckpt"
@@ -202,7 +202,7 @@ def test_fit_logs_the_histogram_of_s_to_wandb(shapes_shards, tmp_path, bases, mo
     assert len(steps) == 6 and len(hists) == 2 and len(fracs) == 2
     keys = {k for r in rows for k in r}
     assert "val/loss" in keys and "val/canny_f1" not in keys  # val_control_batches: 0 = CE only in validation
-    from lightning_modules.ecm.scales import TINY_PATCH_NUMS
+    from ctrlgen.lightning_modules.ecm.scales import TINY_PATCH_NUMS
 
     perf = [r for r in rows if "perf/tokens_per_sec" in r and "train/trunc_scale" in r]
     assert perf and "perf/tokens_per_sec_all_ranks" in keys
@@ -221,7 +221,7 @@ def test_fit_logs_the_histogram_of_s_to_wandb(shapes_shards, tmp_path, bases, mo
 def test_histogram_of_s_survives_a_mid_epoch_resume(shapes_shards, tmp_path, bases):
     """A run stopped after 2 of an epoch's 4 batches and resumed from last.ckpt logs the same epoch histogram of s as
     the uninterrupted run: the steps before the checkpoint count too."""
-    from lightning_modules.ecm.sampling import draw_trunc_scale
+    from ctrlgen.lightning_modules.ecm.sampling import draw_trunc_scale
 
     def fit(root, steps, extra=()):
         cli = CtrlgenCLI(args=["fit", *_ecm_args(shapes_shards, root, bases, steps=steps),

@@ -6,8 +6,8 @@ from collections import Counter
 import pytest
 import torch
 
-from lightning_modules.ecm import sampling as S
-from lightning_modules.ecm.sampling import (
+from ctrlgen.lightning_modules.ecm import sampling as S
+from ctrlgen.lightning_modules.ecm.sampling import (
     cfg_mix,
     cfg_ratio,
     draw_trunc_scale,

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from lightning_modules.ecm.scales import (
+from ctrlgen.lightning_modules.ecm.scales import (
     DEFAULT_PATCH_NUMS,
     PHI_TABLE_10,
     begin_ends,

@@ -16,16 +16,16 @@ import torch
 import yaml
 from PIL import Image
 
-from datamodules.ecm import ECMDataModule, resize_crop, to_signed
-from datamodules.shards import (
+from ctrlgen.datamodules.ecm import ECMDataModule, resize_crop, to_signed
+from ctrlgen.datamodules.shards import (
     decode_image,
     encode_jpg,
     encode_png,
     iter_samples,
     write_shards,
 )
-from lightning_modules.ecm.tokenize import tokenize_cli, vqvae_args_from_config
-from lightning_modules.ecm.vqvae import build_vqvae
+from ctrlgen.lightning_modules.ecm.tokenize import tokenize_cli, vqvae_args_from_config
+from ctrlgen.lightning_modules.ecm.vqvae import build_vqvae
 
 SIZE, N_PER_SHARD = 32, 8
 L_TINY = 1 + 4 + 9 + 16 + 36 + 64  # TINY_PATCH_NUMS (1, 2, 3, 4, 6, 8)
@@ -36,7 +36,7 @@ CONTROL = {"patch": 4, "width": 32, "vit_depth": 1, "vit_heads": 2, "every": 2, 
 def setup(tmp_path_factory):
     """demo32 VQVAE saved as a VQVAEModule-style .ckpt, 2 shapes shards + 1 shard of non-square/corrupt samples,
     tokenised once."""
-    from datamodules.synth import synth
+    from ctrlgen.datamodules.synth import synth
 
     d = tmp_path_factory.mktemp("tok")
     synth("shapes", d / "src", n_train=2 * N_PER_SHARD, n_val=0, n_test=0, size=SIZE, shard_size=N_PER_SHARD)
@@ -60,7 +60,7 @@ def setup(tmp_path_factory):
     ckpt = d / "vqvae.ckpt"
     torch.save({"state_dict": {f"vqvae.{k}": v for k, v in vq.state_dict().items()}}, ckpt)
     cfg = d / "vq.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"class_path": "lightning_modules.ecm.VQVAEModule",
+    cfg.write_text(yaml.safe_dump({"model": {"class_path": "ctrlgen.lightning_modules.ecm.VQVAEModule",
                                              "init_args": {"preset": "demo32"}}}))
     summary = tokenize_cli(str(d / "src" / "train-{000000..000002}.tar"), str(d / "out"), str(cfg), str(ckpt),
                            batch_size=N_PER_SHARD, num_workers=0, progress=False, mid_reso=1.0)
@@ -107,7 +107,7 @@ def test_codes_equal_img_to_idx_of_the_stored_crop(setup):
 def test_default_crop_is_vars_centre_crop_of_the_loader():
     """Default mid_reso 1.125 (VAR): the stored crop is the centre SIZE crop of the image resized to 1.125 × SIZE on
     its shorter side, exactly what ECMDataModule evaluates on; a SIZE × SIZE image is zoomed too (not kept)."""
-    from lightning_modules.ecm.tokenize import prepare_sample
+    from ctrlgen.lightning_modules.ecm.tokenize import prepare_sample
 
     rng = np.random.default_rng(1)
     img = rng.integers(0, 256, (SIZE + 8, SIZE + 24, 3), dtype=np.uint8)
@@ -128,7 +128,7 @@ def test_default_crop_is_vars_centre_crop_of_the_loader():
 
 
 def test_config_variants():
-    assert vqvae_args_from_config({"model": {"class_path": "lightning_modules.ecm.ECMModule", "init_args": {
+    assert vqvae_args_from_config({"model": {"class_path": "ctrlgen.lightning_modules.ecm.ECMModule", "init_args": {
         "vqvae_preset": "demo32", "vqvae_weights": "a.ckpt", "var_weights": "b.ckpt"}}})["weights"] == "a.ckpt"
     a = vqvae_args_from_config({"model": {"init_args": {"preset": "tiny", "weights": "v.pth",
                                                         "vqvae_overrides": {"beta": 0.5}}}})
@@ -149,7 +149,7 @@ def _set_eval(module):
 
 
 def test_pretokenized_batches_and_equal_loss(setup):
-    from lightning_modules.ecm import ECMModule, VARModule
+    from ctrlgen.lightning_modules.ecm import ECMModule, VARModule
 
     batches = _batches(setup["out"], True)
     assert len(batches) == 2
@@ -209,7 +209,7 @@ def test_worker_path_and_pattern_output(setup, tmp_path):
 def test_pretokenized_shards_must_come_from_the_runs_vqvae(setup, tmp_path):
     """tokenize.json beside the shards records the sha256 of the VQVAE weights that made the codes; a run that trains
     from them with another VQVAE (or a random one) fails at setup naming both (base_mismatch=warn goes on)."""
-    from lightning_modules.ecm import VARModule
+    from ctrlgen.lightning_modules.ecm import VARModule
 
     common = {"var_preset": "tiny", "vqvae_preset": "demo32",
               "var_overrides": {"embed_dim": 64, "num_heads": 2, "depth": 2}}
@@ -238,7 +238,7 @@ def test_several_stored_crops_and_the_loader_picks_one_per_epoch(setup, tmp_path
     evaluation always the centre crop."""
     import zlib
 
-    from datamodules.shards import LazySample
+    from ctrlgen.datamodules.shards import LazySample
 
     d, vq = setup["dir"], setup["vq"]
     src, cfg = str(d / "src" / "train-000000.tar"), str(d / "vq.yaml")

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.ecm import var as var_mod
-from lightning_modules.ecm.checkpoint import read_manifest
-from lightning_modules.ecm.sampling import temperature_schedule
-from lightning_modules.ecm.scales import block_causal_bias, ends_for, lvl_index
-from lightning_modules.ecm.var import VAR, VAR_PRESETS, build_var, drop_labels
-from lightning_modules.ecm.vqvae import build_vqvae
+from ctrlgen.lightning_modules.ecm import var as var_mod
+from ctrlgen.lightning_modules.ecm.checkpoint import read_manifest
+from ctrlgen.lightning_modules.ecm.sampling import temperature_schedule
+from ctrlgen.lightning_modules.ecm.scales import block_causal_bias, ends_for, lvl_index
+from ctrlgen.lightning_modules.ecm.var import VAR, VAR_PRESETS, build_var, drop_labels
+from ctrlgen.lightning_modules.ecm.vqvae import build_vqvae
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "fixtures"  # vendored copies of shared/fixtures/*.tsv
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.ecm.checkpoint import read_manifest
-from lightning_modules.ecm.scales import phi_table
-from lightning_modules.ecm.vqvae import (
+from ctrlgen.lightning_modules.ecm.checkpoint import read_manifest
+from ctrlgen.lightning_modules.ecm.scales import phi_table
+from ctrlgen.lightning_modules.ecm.vqvae import (
     VQVAE,
     build_vqvae,
     straight_through,

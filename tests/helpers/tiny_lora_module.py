@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.common.base import BaseGenModule
-from lightning_modules.common.lora import add_lora
-from lightning_modules.common.pretrained import load_frozen
+from ctrlgen.lightning_modules.common.base import BaseGenModule
+from ctrlgen.lightning_modules.common.lora import add_lora
+from ctrlgen.lightning_modules.common.pretrained import load_frozen
 
 CROSS_DIM = 16
 ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.common.base import BaseGenModule
+from ctrlgen.lightning_modules.common.base import BaseGenModule
 
 
 class TinyAEModule(BaseGenModule):

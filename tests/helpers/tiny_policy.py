@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.common.base import BaseGenModule
-from lightning_modules.common.rollouts import (
+from ctrlgen.lightning_modules.common.base import BaseGenModule
+from ctrlgen.lightning_modules.common.rollouts import (
     group_advantages,
     group_stats,
     repeat_for_groups,

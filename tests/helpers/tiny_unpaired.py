@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.common.manual import ManualOptimModule
+from ctrlgen.lightning_modules.common.manual import ManualOptimModule
 
 STREAMS = ("shallow", "deep")
 

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from lightning_modules.metrics.clip import (
+from ctrlgen.lightning_modules.metrics.clip import (
     CLIPFeatureWrapper,
     clip_features,
     clip_score_from_features,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.metrics.control import (
+from ctrlgen.lightning_modules.metrics.control import (
     CannyF1,
     DepthRMSE,
     GeometryDepth,
@@ -18,7 +18,7 @@ from lightning_modules.metrics.control import (
     canny_f1,
     depth_rmse,
 )
-from lightning_modules.metrics.edges import get_edge_extractor
+from ctrlgen.lightning_modules.metrics.edges import get_edge_extractor
 
 
 def _shapes_batch(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:

@@ -8,7 +8,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from lightning_modules.metrics.distribution import (
+from ctrlgen.lightning_modules.metrics.distribution import (
     GenerativeMetrics,
     fid_metric,
     frechet_distance,
@@ -17,7 +17,7 @@ from lightning_modules.metrics.distribution import (
     is_metric,
     kid_metric,
 )
-from lightning_modules.metrics.inception import (
+from ctrlgen.lightning_modules.metrics.inception import (
     INCEPTION_WEIGHTS_FILENAME,
     FIDInceptionV3,
     inception_from_local,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.metrics.edges import (
+from ctrlgen.lightning_modules.metrics.edges import (
     DEFAULT_EDGE_EXTRACTOR,
     CannyEdgeExtractor,
     EdgeExtractor,
@@ -49,7 +49,7 @@ def test_registry_returns_one_object_per_name():
 
 
 def test_data_and_metric_configs_resolve_to_the_same_extractor():
-    from lightning_modules.metrics.control import CannyF1
+    from ctrlgen.lightning_modules.metrics.control import CannyF1
 
     data_side = get_edge_extractor("cv2_canny_100_200")
     metric = CannyF1(extractor="cv2_canny_100_200")

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from lightning_modules.metrics.perceptual import (
+from ctrlgen.lightning_modules.metrics.perceptual import (
     LPIPS,
     LPIPS_BACKBONE_FILES,
     LPIPSNet,
@@ -171,7 +171,7 @@ def test_torchmetrics_backend_via_torch_home_trick_agrees_with_native(squeeze_ho
 
 
 def test_alex_and_vgg_backbones_have_torchvision_feature_layout():
-    from lightning_modules.metrics.perceptual import build_lpips_backbone
+    from ctrlgen.lightning_modules.metrics.perceptual import build_lpips_backbone
 
     alex = {f"features.{k}": tuple(v.shape) for k, v in build_lpips_backbone("alex").state_dict().items()}
     assert alex == {"features.0.weight": (64, 3, 11, 11), "features.0.bias": (64,),

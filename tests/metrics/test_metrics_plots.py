@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_modules.metrics.plots import plot_curves, plot_metric_vs_setting, save_grid_png, to_uint8_hwc
+from ctrlgen.lightning_modules.metrics.plots import plot_curves, plot_metric_vs_setting, save_grid_png, to_uint8_hwc
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

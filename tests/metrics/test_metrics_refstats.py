@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lightning_modules.metrics.distribution import GenerativeMetrics
-from lightning_modules.metrics.refstats import (
+from ctrlgen.lightning_modules.metrics.distribution import GenerativeMetrics
+from ctrlgen.lightning_modules.metrics.refstats import (
     FIDFromStats,
     RefStats,
     compute_refstats,

@@ -7,7 +7,7 @@ import csv
 import pytest
 import torch
 
-from lightning_modules.metrics.results import (
+from ctrlgen.lightning_modules.metrics.results import (
     METRIC_DEFINITIONS,
     RESULT_COLUMNS,
     make_rows,

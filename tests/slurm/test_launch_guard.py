@@ -7,7 +7,7 @@ import functools
 import pytest
 from jsonargparse import Namespace
 
-from lightning_modules.common import slurm as guard
+from ctrlgen.lightning_modules.common import slurm as guard
 
 BATCH_STEP = {"SLURM_JOB_ID": "42", "SLURM_JOB_NAME": "ctrlgen", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2",
               "SLURM_NNODES": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
@@ -24,7 +24,7 @@ def test_not_slurm_or_interactive_is_left_alone():
 def test_multi_task_without_srun_is_refused():
     with pytest.raises(guard.SlurmLaunchError, match="not started by `srun`") as e:
         guard.check_launch(devices=2, num_nodes=1, env=BATCH_STEP)
-    assert "SLURM_NTASKS=2" in str(e.value) and "srun python -m lightning_modules.cli fit" in str(e.value)
+    assert "SLURM_NTASKS=2" in str(e.value) and "srun python -m ctrlgen.lightning_modules.cli fit" in str(e.value)
     for special in ("batch", "extern", str(0xFFFFFFFB)):  # non-srun step ids some Slurm versions export
         assert not guard.started_by_srun({**BATCH_STEP, "SLURM_STEP_ID": special})
     guard.check_launch(devices=2, num_nodes=1, env=SRUN_STEP)
@@ -73,7 +73,7 @@ def test_preflight(monkeypatch):
 
 
 def test_guarded_entry_refuses_after_parsing_before_building(monkeypatch, shapes_shards, tmp_path, capsys):
-    """``python -m lightning_modules.common.slurm fit ...``: the parsed trainer.devices is checked before any model."""
+    """``python -m ctrlgen.lightning_modules.common.slurm fit ...``: the parsed trainer.devices is checked before any model."""
     for k, v in SRUN_STEP.items():
         monkeypatch.setenv(k, v)
     built = []

@@ -5,7 +5,7 @@ Every training job is the real ``slurm/train.sbatch``, parametrised for CPU on t
 
 1. 2 ranks train tiny configs of the LightningModules and exit 0 under SLURMEnvironment; ``slurm/test.sbatch``
    evaluates the result.
-2. SIGUSR1 mid-run → hpc_ckpt_1.ckpt at a step boundary (callbacks.hpc_prune.SafeRequeue) → requeued by rank 0 →
+2. SIGUSR1 mid-run → hpc_ckpt_1.ckpt at a step boundary (ctrlgen.callbacks.hpc_prune.SafeRequeue) → requeued by rank 0 →
    released → resumes → finishes: every step 1..max_steps trained exactly once, one W&B run id, one config.yaml, an
    appended log.
 3. A job without ``srun`` or with mismatched tasks/devices/nodes is refused with a clear message, fast.
@@ -199,7 +199,7 @@ def _guard_script(tmp: Path, entry: str, srun: bool, devices: int, num_nodes: in
     return script
 
 
-@pytest.mark.parametrize("entry", ["lightning_modules.common.slurm", "lightning_modules.cli"])
+@pytest.mark.parametrize("entry", ["ctrlgen.lightning_modules.common.slurm", "ctrlgen.lightning_modules.cli"])
 @pytest.mark.parametrize("case", ["no_srun", "mismatch"])
 def test_bad_launch_is_refused_fast(slurm_cluster, shapes_shards, tmp_path, entry, case):
     if case == "no_srun":  # python run by the batch script itself in a 2-task job: Lightning would hang forever

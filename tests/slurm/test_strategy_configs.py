@@ -12,9 +12,9 @@ from datetime import timedelta
 
 import pytest
 
-from lightning_modules.cli import CtrlgenCLI
+from ctrlgen.lightning_modules.cli import CtrlgenCLI
 
-BLOCK = "lightning_modules.ecm.layers.AdaLNSelfAttn"
+BLOCK = "ctrlgen.lightning_modules.ecm.layers.AdaLNSelfAttn"
 
 
 class _NoTrainerCLI(CtrlgenCLI):
@@ -48,7 +48,7 @@ def test_fsdp_configs(shapes_shards, tmp_path, name, sharding):
     from torch.distributed.fsdp import ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    from lightning_modules.ecm.layers import AdaLNSelfAttn
+    from ctrlgen.lightning_modules.ecm.layers import AdaLNSelfAttn
 
     cli = _cli(f"configs/strategy/{name}.yaml", shapes_shards, tmp_path, _NoTrainerCLI)
     cfg = cli.config_init.trainer

@@ -39,7 +39,7 @@ def test_train_template_requeue_contract(name):
     assert "--requeue" in d and "--open-mode=append" in d
     assert any(x.startswith("--ntasks-per-node=") for x in d) and not any(x.startswith("--ntasks=") for x in d)
     srun = [line for line in text.splitlines() if line.lstrip().startswith("srun ")]
-    assert len(srun) == 1 and "-m lightning_modules.cli" in srun[0] and '"${args[@]}"' in srun[0]
+    assert len(srun) == 1 and "-m ctrlgen.lightning_modules.cli" in srun[0] and '"${args[@]}"' in srun[0]
     assert not re.search(r"^[^#]*--ckpt_path", text, re.MULTILINE)  # HPC resume, never --ckpt_path
     assert "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))" in text
     assert '--trainer.devices=${SLURM_NTASKS_PER_NODE:-1}' in text and '--trainer.num_nodes=${SLURM_NNODES:-1}' in text
@@ -59,7 +59,7 @@ def test_test_template():
     d = _directives(text)
     assert "--no-requeue" in d and not any(x.startswith("--signal") for x in d)
     assert 'args+=("--ckpt_path=$CKPT")' in text and "RUN=${SLURM_JOB_NAME}-${JOB}-test" in text
-    assert re.search(r"^srun .*-m lightning_modules.cli", text, re.MULTILINE)
+    assert re.search(r"^srun .*-m ctrlgen.lightning_modules.cli", text, re.MULTILINE)
 
 
 def test_cluster_script_follows_the_recipe():
