@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -35,9 +36,11 @@ def test_resolve_config_finds_packaged_names(tmp_path, monkeypatch):
 def test_wheel_installs_only_ctrlgen_and_runs_from_another_folder(tmp_path):
     """A plain (non-editable) install puts only ``ctrlgen`` into site-packages; ``ctrlgen fit -c ecm/demo_var.yaml
     --print_config`` works from an unrelated folder with the packaged configs; ``import callbacks`` fails there."""
-    wheels = tmp_path / "wheels"
+    src, wheels = tmp_path / "src", tmp_path / "wheels"  # build from a copy: setuptools writes build/ into the tree
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "demo_runs",
+                                                              "runs", "__pycache__", ".pytest_cache"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                        str(wheels), str(REPO)], capture_output=True, text=True, timeout=300, check=False)
+                        str(wheels), str(src)], capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     (wheel,) = wheels.glob("ctrlgen-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
