@@ -199,11 +199,11 @@ def test_pack_folder_lists_and_skips_unreadable(tmp_path):
     (src / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
     (tmp_path / "labels.json").write_text(json.dumps({"im0.png": 3, "sub/im1.png": "a caption"}))
     rep = pack_folder(src, str(tmp_path / "out" / "p-%06d.tar"), labels=tmp_path / "labels.json", maxcount=2,
-                      progress=False)
+                      progress=False, allow_unlabelled=True)
     assert rep["written"] == 5 and rep["skipped"] == 1 and rep["skipped_files"][0][0] == "broken.jpg"
     assert len(rep["shards"]) == 3
     again = pack_folder(src, str(tmp_path / "out2" / "p-%06d.tar"), labels=tmp_path / "labels.json", maxcount=2,
-                        progress=False)
+                        progress=False, allow_unlabelled=True)
 
     def members(shards):  # (shard, member name, payload) in archive order; tar headers (mtimes) left out
         out = []
@@ -313,3 +313,90 @@ def test_bench_data_smoke():
     spec.loader.exec_module(mod)
     res = mod.main(["--size", "32", "--samples", "8", "--repeats", "1"])
     assert set(res["median_s"]) == {"lazy", "eager"} and res["eager_over_lazy"] > 0
+
+
+def _tar_members(shards) -> list[str]:
+    names = []
+    for p in shards:
+        with tarfile.open(p) as tf:
+            names += [m.name for m in tf.getmembers()]
+    return names
+
+
+def test_pack_refuses_key_collisions_listing_the_files(tmp_path):
+    img = shapes.render(0, "train", 0, 16)["image"]
+    for group in (("a.jpg", "a.png"), ("sub/x.jpg", "sub__x.jpg"), ("v1.2.jpg", "v1_2.jpg")):
+        src = tmp_path / f"src{len(list(tmp_path.iterdir()))}"
+        for name in group:
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(src / name)
+        out = tmp_path / "out" / "p-%06d.tar"
+        with pytest.raises(ValueError, match="key") as e:
+            pack_folder(src, str(out), progress=False)
+        assert all(name in str(e.value) for name in group), str(e.value)
+        assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # nothing written
+
+
+def test_pack_refuses_stale_shards_unless_overwrite(tmp_path):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for i in range(6):
+        Image.fromarray(shapes.render(0, "train", i, 16)["image"]).save(src / f"im{i}.jpg")
+    out = str(tmp_path / "out" / "p-%06d.tar")
+    first = pack_folder(src, out, maxcount=2, progress=False)
+    assert len(first["shards"]) == 3
+    for p in list(src.iterdir())[:4]:
+        p.unlink()
+    with pytest.raises(FileExistsError, match=r"3 file\(s\) already match .*--overwrite"):
+        pack_folder(src, out, maxcount=2, progress=False)
+    second = pack_folder(src, out, maxcount=2, progress=False, overwrite=True)
+    assert len(second["shards"]) == 1 and len(second["replaced"]) == 3
+    assert sorted(Path(p).name for p in (tmp_path / "out").iterdir()) == ["p-000000.tar"]  # no stale shard left
+    assert len(_tar_members(second["shards"])) == 2
+
+
+def test_pack_lists_unlabelled_images_and_checks_out_pattern(tmp_path):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(shapes.render(0, "train", i, 16)["image"]).save(src / f"im{i}.jpg")
+    (tmp_path / "labels.json").write_text(json.dumps({"im0": 1}))
+    with pytest.raises(KeyError, match=r"2 of 3 images have no entry .*im1\.jpg.*--allow-unlabelled"):
+        pack_folder(src, str(tmp_path / "o" / "p-%06d.tar"), labels=tmp_path / "labels.json", progress=False)
+    rep = pack_folder(src, str(tmp_path / "o" / "p-%06d.tar"), labels=tmp_path / "labels.json", progress=False,
+                      allow_unlabelled=True)
+    assert rep["written"] == 3 and "im0.cls" in _tar_members(rep["shards"])
+    with pytest.raises(ValueError, match="needs one integer field .*%06d"):
+        pack_folder(src, str(tmp_path / "o2" / "shards.tar"), progress=False)
+
+
+def test_pack_stores_every_image_under_one_key(tmp_path):
+    """PNG and JPEG inputs land under ``jpg`` (JPEG bytes kept as they are) or, with ``image_format='png'``, all
+    under ``png`` decoding to the same pixels as the input (lossless)."""
+    src = tmp_path / "imgs"
+    src.mkdir()
+    img = shapes.render(0, "train", 1, 16)["image"]
+    Image.fromarray(img).save(src / "p.png")
+    Image.fromarray(img).save(src / "j.jpg", quality=90)
+    jpg_bytes = (src / "j.jpg").read_bytes()
+    rep = pack_folder(src, str(tmp_path / "a" / "p-%06d.tar"), progress=False)
+    assert sorted(_tar_members(rep["shards"])) == ["j.jpg", "p.jpg"]
+    with tarfile.open(rep["shards"][0]) as tf:
+        assert tf.extractfile("j.jpg").read() == jpg_bytes
+        assert Image.open(io.BytesIO(tf.extractfile("p.jpg").read())).format == "JPEG"
+    rep = pack_folder(src, str(tmp_path / "b" / "p-%06d.tar"), progress=False, image_format="png")
+    assert sorted(_tar_members(rep["shards"])) == ["j.png", "p.png"]
+    with tarfile.open(rep["shards"][0]) as tf:
+        assert np.array_equal(decode_value("p.png", tf.extractfile("p.png").read()), img)
+    with pytest.raises(ValueError, match="'jpg' or 'png'"):
+        pack_folder(src, str(tmp_path / "c" / "p-%06d.tar"), progress=False, image_format="webp")
+
+
+def test_pack_names_unreadable_files_in_the_reason(tmp_path):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    Image.fromarray(shapes.render(0, "train", 1, 16)["image"]).save(src / "ok.jpg")
+    (src / "broken.png").write_bytes(b"not a png at all")
+    rep = pack_folder(src, str(tmp_path / "o" / "p-%06d.tar"), progress=False)
+    (rel, why), = rep["skipped_files"]
+    assert rel == "broken.png" and "broken.png" in why and "BytesIO" not in why, why
