@@ -25,7 +25,11 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ctrlgen.datamodules.shards import SKIPS, LazySample, check_required_keys, resolve_shards
+from ctrlgen.datamodules.shards import SKIPS, LazySample, check_required_keys, probe_decodable, resolve_shards
+
+# a stream whose last this-many samples/shards all failed, with none decoded since the last good one, stops with an
+# error instead of spinning for ever (a resampled training stream over shards that are all unreadable)
+MAX_CONSECUTIVE_SKIPS = 1000
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -63,6 +67,17 @@ class _Stream(IterableDataset):
         self.urls, self.item_fn, self.batch_size, self.train = urls, item_fn, batch_size, train
         self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
         self.start_epoch, self._iters = start_epoch, 0
+        self._failed_in_a_row = 0
+
+    def _skip(self, exn: BaseException, key: str | None = None, url: str | None = None) -> bool:
+        """Count a skipped sample or shard; too many in a row with nothing decoded is an error, not an endless loop."""
+        SKIPS.handler(exn, key=key, url=url)
+        self._failed_in_a_row += 1
+        if self._failed_in_a_row >= MAX_CONSECUTIVE_SKIPS:
+            raise RuntimeError(f"data: the last {self._failed_in_a_row} samples/shards of {len(self.urls)} shard(s) "
+                               f"(e.g. {self.urls[0]!r}) all failed to decode; {SKIPS.summary()}. Check the shards "
+                               f"(`ctrlgen data inspect`) and the loader's keys")
+        return True
 
     def _raw(self, rng: random.Random, worker: int, nworkers: int) -> Iterator[dict]:
         if self.train:
@@ -74,7 +89,7 @@ class _Stream(IterableDataset):
 
             def shard_iter():
                 yield from ({"url": u} for u in mine)
-        yield from wds.tariterators.tarfile_samples(shard_iter(), handler=SKIPS.handler)
+        yield from wds.tariterators.tarfile_samples(shard_iter(), handler=self._skip)
 
     def _shuffled(self, it: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         if not self.shuffle_buffer:
@@ -103,9 +118,10 @@ class _Stream(IterableDataset):
             try:
                 item = self.item_fn(LazySample(raw), rng)  # values decoded when the loader reads them
             except Exception as e:  # noqa: BLE001 - corrupt or incomplete sample: skip and count, never crash
-                SKIPS.handler(e)
+                self._skip(e, key=raw.get("__key__"), url=raw.get("__url__"))
                 continue
             if item is not None:
+                self._failed_in_a_row = 0
                 yield raw.get("__url__"), item
 
     def __iter__(self) -> Iterator[dict]:
@@ -279,10 +295,13 @@ class BaseWdsDataModule(ResumableDataModule):
                  test_shards: str | list[str] | None = None, predict_shards: str | list[str] | None = None,
                  batch_size: int = 8, num_workers: int = 2, resolution: int = 256, seed: int = 0,
                  train_batches_per_epoch: int | None = None, train_samples_per_epoch: int | None = None,
-                 shuffle_buffer: int = 500, eval_batch_size: int | None = None):
+                 shuffle_buffer: int = 500, eval_batch_size: int | None = None, probe_samples: int = 64):
+        """``probe_samples``: at set-up, each stage's first samples are decoded through ``to_item`` until one
+        decodes; none within this many fails before the first step (0: no probe)."""
         super().__init__(batch_size=batch_size, num_workers=num_workers, resolution=resolution, seed=seed,
                          train_batches_per_epoch=train_batches_per_epoch,
                          train_samples_per_epoch=train_samples_per_epoch)
+        self.probe_samples = int(probe_samples)
         self.shards = {"train": train_shards, "val": val_shards, "test": test_shards, "predict": predict_shards}
         self.shuffle_buffer = shuffle_buffer
         self.eval_batch_size = eval_batch_size or batch_size
@@ -302,6 +321,8 @@ class BaseWdsDataModule(ResumableDataModule):
                 raise ValueError(f"data.{stage}_shards is not set but the {stage} loop needs it")
             urls = resolve_shards(spec, f"data.{stage}_shards")
             check_required_keys(urls, self.required_keys, f"data.{stage}_shards")
+            probe_decodable(urls, lambda smp, rng: self.to_item(smp, rng, stage), f"data.{stage}_shards",
+                            max_samples=self.probe_samples)
             self._urls[stage] = urls
         return self._urls[stage]
 

@@ -1,4 +1,4 @@
-"""Shard I/O shared by every method: URL expansion and checks, counted error handling, writing and packing.
+"""Shard I/O shared by every method: URL expansion and checks, counted skips, start-up probes, writing, inspection.
 
 Facts behind the choices are in ``shared/specs/platform.md`` §3 (webdataset 1.0.2): condition maps are PNG/NPY, never JPEG;
 metadata lives in one ``json``; ``__key__`` has no dots; a sample's files are adjacent in the tar (ShardWriter does that).
@@ -17,7 +17,7 @@ import tarfile
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import braceexpand
 import numpy as np
@@ -99,26 +99,57 @@ def check_required_keys(urls: list[str], required: Iterable[str], what: str, max
 
 
 # ---------------------------------------------------------------------------------------------------- counted errors
-class SkipCounter:
-    """Per-process count of skipped samples by reason. Each sample carries (worker, cumulative count) to the main process."""
+def describe_error(exn: BaseException, name: str | None) -> str:
+    """``Type: message`` with Pillow's ``<_io.BytesIO object at 0x...>`` replaced by ``name`` (the file or key)."""
+    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", repr(name) if name else "the sample's bytes", str(exn))
+    return f"{type(exn).__name__}: {text}"
 
-    def __init__(self) -> None:
+
+def fault_origin(exn: BaseException) -> str | None:
+    """The shard URL webdataset appends to the arguments of a tar-level error, if any."""
+    for arg in reversed(getattr(exn, "args", ())):
+        if isinstance(arg, str) and (arg.endswith(".tar") or "://" in arg or arg.startswith("pipe:")):
+            return arg
+    return None
+
+
+class SkipCounter:
+    """Per-process count of skipped samples by reason, with example ``key @ shard`` per reason.
+
+    The first skip of each reason is warned with its key and shard; every ``report_every`` skips a summary of all
+    reasons is logged, so later different samples are never dropped without a word. Each batch carries (worker,
+    cumulative count) to the main process (``DataHealthCallback``)."""
+
+    def __init__(self, report_every: int = 100, examples: int = 3) -> None:
         self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
         self.warned: set[str] = set()
+        self.report_every, self.max_examples = report_every, examples
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
-    def handler(self, exn: BaseException) -> bool:
+    def handler(self, exn: BaseException, key: str | None = None, url: str | None = None) -> bool:
         reason = type(exn).__name__
         self.counts[reason] += 1
-        msg = f"skipping corrupt sample ({reason}: {str(exn)[:300]}); skipped so far in this worker: {self.total}"
-        if reason not in self.warned:  # warn once per reason per worker; the count is logged as data/skipped
+        where = " @ ".join(x for x in (key, url or fault_origin(exn)) if x) or "?"
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < self.max_examples and where not in shown:
+            shown.append(where)
+        msg = f"skipping sample {where} ({describe_error(exn, key)[:300]}); skipped so far in this process: {self.total}"
+        if reason not in self.warned:
             self.warned.add(reason)
             warnings.warn(msg, stacklevel=2)
+        elif self.total % self.report_every == 0:
+            log.warning("data: %s", self.summary())
         log.debug(msg)
         return True
+
+    def summary(self) -> str:
+        """``N samples skipped: Reason ×n (e.g. key @ shard, ...); ...``"""
+        parts = [f"{r} ×{n} (e.g. {', '.join(self.examples.get(r, []))})" for r, n in self.counts.most_common()]
+        return f"{self.total} samples skipped: " + "; ".join(parts) if parts else "no samples skipped"
 
 
 SKIPS = SkipCounter()
@@ -187,6 +218,46 @@ class LazySample(dict):
         return {k for k in self._done if not k.startswith("__")}
 
 
+def probe_decodable(urls: list[str], item_fn: Callable[[LazySample, random.Random], Any], what: str,
+                    max_samples: int = 64, max_shards: int = 4) -> int:
+    """Decode the first samples of the first local shards through the loader's own ``item_fn`` until one yields an
+    item; a stream that yields nothing decodable within ``max_samples`` samples (or ``max_shards`` shards) fails
+    here, before training, with the shards and the reasons. Returns the number of samples tried (0: not checked)."""
+    local = [u for u in urls if not is_remote(u)][:max_shards]
+    if not local or max_samples <= 0:
+        return 0
+    reasons: Counter[str] = Counter()
+    examples: list[str] = []
+    tried = 0
+    rng = random.Random(0)
+    for url in local:
+        path = url.removeprefix("file:")
+        try:
+            for raw in iter_samples(path):
+                tried += 1
+                try:
+                    if item_fn(LazySample(raw), rng) is not None:
+                        if reasons:
+                            log.warning("%s: %d of the first %d samples did not decode (%s); going on",
+                                        what, sum(reasons.values()), tried, "; ".join(examples[:3]))
+                        return tried
+                    reasons["rejected by the loader"] += 1
+                except Exception as e:  # noqa: BLE001 - reported below, with the shard and key
+                    reasons[type(e).__name__] += 1
+                    examples.append(f"{raw.get('__key__')} @ {path}: {describe_error(e, raw.get('__key__'))[:200]}")
+                if tried >= max_samples:
+                    break
+        except Exception as e:  # noqa: BLE001 - not a tar, truncated, unreadable
+            reasons[type(e).__name__] += 1
+            examples.append(f"{path}: {type(e).__name__}: {str(e)[:200]} (not a readable tar shard?)")
+        if tried >= max_samples:
+            break
+    counts = ", ".join(f"{r} ×{n}" for r, n in reasons.most_common()) or "no samples"
+    raise ValueError(f"{what}: nothing decodable in the first {tried} samples of {len(local)} shard(s) "
+                     f"({counts}); e.g. {'; '.join(examples[:3]) or local[0]}. Check the shard pattern and the "
+                     f"loader's keys (a key the samples lack, or an image that does not decode)")
+
+
 # ------------------------------------------------------------------------------------------------------------- writing
 def encode_png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
@@ -211,126 +282,6 @@ def write_shards(samples: Iterable[dict], pattern: str, maxcount: int = 1000, ma
             sink.write(s)
         written = [pattern % i for i in range(sink.shard + 1)] if sink.count or sink.shard else []
     return [p for p in written if os.path.exists(p)]
-
-
-def check_out_pattern(out_pattern: str, overwrite: bool = False) -> list[str]:
-    """``--out`` must hold one ``%d``-style field (``train-%06d.tar``); shards it already matches are refused unless
-    ``overwrite`` (then they are removed, so no stale shard of an earlier run is left for a later glob to read).
-    Returns the removed paths."""
-    try:
-        first = out_pattern % 0
-    except (TypeError, ValueError):
-        raise ValueError(f"pack: --out {out_pattern!r} needs one integer field for the shard number, e.g. "
-                         f"'DIR/train-%06d.tar'") from None
-    if first == out_pattern % 1:
-        raise ValueError(f"pack: --out {out_pattern!r} names the same file for every shard; use e.g. 'DIR/train-%06d.tar'")
-    head, _, tail = out_pattern.partition("%")
-    tail = tail.lstrip("0123456789")[1:]  # drop the field's width and conversion letter
-    existing = sorted(glob.glob(glob.escape(head) + "*" + glob.escape(tail)))
-    if existing and not overwrite:
-        raise FileExistsError(f"pack: {len(existing)} file(s) already match {out_pattern!r} (e.g. {existing[0]!r}); "
-                              f"a later glob would read them with the new shards. Pass --overwrite to replace them, "
-                              f"or pick another --out")
-    for path in existing:
-        os.remove(path)
-    return existing
-
-
-def sample_key(rel: str) -> str:
-    """A file's WebDataset key: its relative path without extension, ``/`` → ``__`` and ``.`` → ``_``."""
-    return rel.rsplit(".", 1)[0].replace("/", "__").replace(".", "_")
-
-
-def pack_folder(
-    src: str | Path,
-    out_pattern: str,
-    labels: str | Path | None = None,
-    maxcount: int = 1000,
-    maxsize: float = 1e9,
-    progress: bool = True,
-    shuffle_seed: int | None = 0,
-    image_format: str = "jpg",
-    overwrite: bool = False,
-    allow_unlabelled: bool = False,
-) -> dict[str, Any]:
-    """Pack an image folder into shards. ``labels`` is an optional JSON {relative path or stem: int | str | dict}.
-
-    Keys are deterministic (:func:`sample_key`); two files with one key (``a.jpg`` + ``a.png``, ``sub/x.jpg`` +
-    ``sub__x.jpg``) fail before anything is written, listing them. The sorted file list is shuffled with
-    ``shuffle_seed`` (None: sorted order): a class-per-folder tree (ImageNet) would otherwise give one class per shard,
-    and the training stream, which reads a few shards at a time through a shuffle buffer, would see batches of a
-    handful of classes. Every image is stored under one key, ``image_format``: ``jpg`` keeps JPEG bytes as they are
-    and encodes other formats as JPEG (quality 95); ``png`` stores every image losslessly as PNG. With ``labels``,
-    images without an entry fail the pack, listed, unless ``allow_unlabelled``. Unreadable files are skipped, named
-    with the reason, and counted in the returned summary. Existing shards of ``out_pattern``: see
-    :func:`check_out_pattern`.
-    """
-    from rich.progress import track
-
-    if image_format not in ("jpg", "png"):
-        raise ValueError(f"pack: --image-format must be 'jpg' or 'png', got {image_format!r}")
-    src = Path(src)
-    if not src.is_dir():
-        raise FileNotFoundError(f"pack: image folder {str(src)!r} does not exist")
-    files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
-    if not files:
-        raise FileNotFoundError(f"pack: no images ({', '.join(IMAGE_EXTS)}) under {str(src)!r}")
-    by_key: dict[str, list[str]] = {}
-    for p in files:
-        by_key.setdefault(sample_key(p.relative_to(src).as_posix()), []).append(p.relative_to(src).as_posix())
-    clashes = {k: v for k, v in by_key.items() if len(v) > 1}
-    if clashes:
-        shown = "; ".join(f"{' + '.join(v)} -> {k!r}" for k, v in sorted(clashes.items())[:10])
-        raise ValueError(f"pack: {len(clashes)} sample key(s) would be shared by several files under {str(src)!r}: "
-                         f"{shown}. Rename or remove one file of each group")
-    meta: dict = {}
-    if labels is not None:
-        try:
-            meta = json.loads(Path(labels).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"pack: cannot read labels JSON {str(labels)!r}: {e}") from e
-        unlabelled = [p.relative_to(src).as_posix() for p in files
-                      if p.relative_to(src).as_posix() not in meta and p.stem not in meta]
-        if unlabelled and not allow_unlabelled:
-            raise KeyError(f"pack: {len(unlabelled)} of {len(files)} images have no entry in {str(labels)!r} (by "
-                           f"relative path or stem), e.g. {unlabelled[:5]}; add them, or pass --allow-unlabelled to "
-                           f"pack them without a label")
-    existing = check_out_pattern(out_pattern, overwrite)
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(files)
-    bad: list[tuple[str, str]] = []
-
-    def gen():
-        it = track(files, description=f"packing {src}") if progress else files
-        for p in it:
-            rel = p.relative_to(src).as_posix()
-            data = p.read_bytes()
-            try:
-                pixels = decode_image(data)
-                is_jpeg = Image.open(io.BytesIO(data)).format == "JPEG"
-            except Exception as e:  # noqa: BLE001 - any decoder failure means the file is unusable
-                why = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", repr(rel), str(e))  # name the file
-                bad.append((rel, f"{type(e).__name__}: {why}"))
-                continue
-            if image_format == "png":
-                data = encode_png(pixels)
-            elif not is_jpeg:
-                data = encode_jpg(pixels)
-            sample: dict[str, Any] = {"__key__": sample_key(rel), image_format: data}
-            m = meta.get(rel, meta.get(p.stem))
-            if isinstance(m, int):
-                sample["cls"] = m
-            elif isinstance(m, str):
-                sample["txt"] = m
-            elif isinstance(m, dict):
-                sample["json"] = m
-            yield sample
-
-    shards = write_shards(gen(), out_pattern, maxcount=maxcount, maxsize=maxsize)
-    for rel, why in bad:
-        log.warning("pack: skipped unreadable %s (%s)", rel, why)
-    return {"shards": shards, "written": len(files) - len(bad), "skipped": len(bad), "skipped_files": bad,
-            "replaced": existing}
 
 
 def inspect_shards(spec: str, limit: int = 3) -> dict[str, Any]:

@@ -58,7 +58,7 @@ def data_main(argv: list[str]) -> None:
         for split, paths in out.items():
             print(f"{split}: {len(paths)} shards in {args.out}")
     elif args.tool == "pack":
-        from ctrlgen.datamodules.shards import pack_folder
+        from ctrlgen.datamodules.pack import pack_folder
 
         rep = pack_folder(args.src, args.out, args.labels, args.maxcount, args.maxsize,
                           shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed)

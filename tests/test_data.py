@@ -6,6 +6,7 @@ import io
 import random
 import json
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -15,7 +16,8 @@ import torch
 from PIL import Image
 
 from ctrlgen.datamodules.ecm import ECMDataModule, to_signed
-from ctrlgen.datamodules.shards import SKIPS, decode_value, encode_png, expand_urls, pack_folder, resolve_shards, write_shards
+from ctrlgen.datamodules.pack import pack_folder
+from ctrlgen.datamodules.shards import SKIPS, decode_value, encode_png, expand_urls, resolve_shards, write_shards
 from ctrlgen.datamodules.synth import shapes
 
 
@@ -186,9 +188,11 @@ def test_keys_the_loader_does_not_read_are_not_decoded(tmp_path):
     canny = _dm(val_shards=shard, condition_types=["canny"], eval_batch_size=8)
     canny.setup("validate")
     assert sum(len(b["key"]) for b in canny.val_dataloader()) == 8 and SKIPS.total == before
-    depth = _dm(val_shards=shard, condition_types=["depth"], eval_batch_size=8)
+    depth = _dm(val_shards=shard, condition_types=["depth"], eval_batch_size=8, probe_samples=0)  # no start-up probe
     depth.setup("validate")
     assert list(depth.val_dataloader()) == [] and SKIPS.total - before == 8
+    with pytest.raises(ValueError, match=r"nothing decodable in the first 8 samples .*l-000000\.tar"):
+        _dm(val_shards=shard, condition_types=["depth"], eval_batch_size=8).setup("validate")  # the probe: at set-up
 
 
 def test_pack_folder_lists_and_skips_unreadable(tmp_path):
@@ -400,3 +404,59 @@ def test_pack_names_unreadable_files_in_the_reason(tmp_path):
     rep = pack_folder(src, str(tmp_path / "o" / "p-%06d.tar"), progress=False)
     (rel, why), = rep["skipped_files"]
     assert rel == "broken.png" and "broken.png" in why and "BytesIO" not in why, why
+
+
+def test_startup_probe_fails_fast_on_non_tar_and_undecodable_shards(tmp_path):
+    """A pattern matching a non-tar file, or shards whose every image fails to decode, fail at set-up naming the
+    shard and the reason (they used to pass the start-up check and spin at step 0)."""
+    import time
+
+    fake = tmp_path / "fake-000000.tar"
+    fake.write_bytes(b"this is a JPEG, not a tar" * 100)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"fake-000000\.tar.*not a readable tar"):
+        _dm(train_shards=str(fake)).setup("fit")
+    samples = list(shapes.samples(0, "train", 6, 32))
+    for smp in samples:
+        smp["jpg"] = b"not an image"
+    write_shards(samples, str(tmp_path / "bad-%06d.tar"), maxcount=3)
+    with pytest.raises(ValueError, match=r"nothing decodable in the first 6 samples of 2 shard.*UnidentifiedImage"):
+        _dm(train_shards=str(tmp_path / "bad-{000000..000001}.tar")).setup("fit")
+    with pytest.raises(ValueError, match=r"data\.val_shards: nothing decodable"):  # validation too (was rc 0)
+        _dm(train_shards=str(tmp_path / "bad-000000.tar"), val_shards=str(fake)).setup("validate")
+    assert time.perf_counter() - t0 < 30
+
+
+def test_stream_of_failing_samples_stops_instead_of_spinning(tmp_path, monkeypatch):
+    """Past the probe (disabled here), a resampled training stream over undecodable shards raises after
+    MAX_CONSECUTIVE_SKIPS failures in a row, naming the reasons with example keys and shards."""
+    import ctrlgen.datamodules.base as base
+
+    monkeypatch.setattr(base, "MAX_CONSECUTIVE_SKIPS", 50)
+    monkeypatch.setattr(SKIPS, "counts", Counter())  # this test's skips only (the counter is per process)
+    monkeypatch.setattr(SKIPS, "examples", {})
+    samples = list(shapes.samples(0, "train", 4, 32))
+    for smp in samples:
+        smp["jpg"] = b"not an image"
+    write_shards(samples, str(tmp_path / "bad-%06d.tar"), maxcount=4)
+    dm = _dm(train_shards=str(tmp_path / "bad-000000.tar"), probe_samples=0, num_workers=0)
+    dm.setup("fit")
+    with pytest.raises(RuntimeError, match=r"last 50 samples/shards .*all failed.*UnidentifiedImageError ×\d+ "
+                                           r"\(e\.g\. train_\d+ @ .*bad-000000\.tar"):
+        next(iter(dm.train_dataloader()))
+
+
+def test_skip_counter_reports_reasons_with_examples_periodically(caplog):
+    from ctrlgen.datamodules.shards import SkipCounter
+
+    c = SkipCounter(report_every=4)
+    with pytest.warns(UserWarning, match=r"skipping sample k0 @ a\.tar \(KeyError"):
+        c.handler(KeyError("canny.png"), key="k0", url="a.tar")
+    with caplog.at_level("WARNING", logger="ctrlgen.datamodules.shards"):
+        for i in range(1, 4):  # same reason: no new warning, but a summary at the 4th skip
+            c.handler(KeyError("canny.png"), key=f"k{i}", url="b.tar")
+    assert c.counts == {"KeyError": 4} and c.examples["KeyError"] == ["k0 @ a.tar", "k1 @ b.tar", "k2 @ b.tar"]
+    assert any("4 samples skipped: KeyError ×4 (e.g. k0 @ a.tar" in r.getMessage() for r in caplog.records)
+    with pytest.warns(UserWarning, match="ReadError"):  # a new reason is always said
+        c.handler(tarfile.ReadError("truncated", "c.tar"))
+    assert c.examples["ReadError"] == ["c.tar"]
