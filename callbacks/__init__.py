@@ -1,4 +1,4 @@
-"""Callbacks shared by every method (import path ``callbacks.<Name>`` in YAML)."""
+"""Callbacks shared by every method (import path ``ctrlgen.callbacks.<Name>`` in YAML)."""
 
 from ctrlgen.callbacks.checkpoint import RunCheckpoint
 from ctrlgen.callbacks.data_health import DataHealthCallback
@@ -7,8 +7,9 @@ from ctrlgen.callbacks.images import ImageGridLogger, make_grid
 from ctrlgen.callbacks.predictions import PredictionWriter
 from ctrlgen.callbacks.results import TestResultsWriter
 from ctrlgen.callbacks.rng import RNGStateCallback
+from ctrlgen.callbacks.signals import GracefulStop
 from ctrlgen.callbacks.throughput import ThroughputCallback
 from ctrlgen.callbacks.wandb_config import WandbSaveConfig
 
-__all__ = ["DataHealthCallback", "HPCCheckpointPrune", "ImageGridLogger", "PredictionWriter", "RNGStateCallback",
+__all__ = ["DataHealthCallback", "GracefulStop", "HPCCheckpointPrune", "ImageGridLogger", "PredictionWriter", "RNGStateCallback",
            "RunCheckpoint", "SafeRequeue", "TestResultsWriter", "ThroughputCallback", "WandbSaveConfig", "make_grid"]

@@ -30,6 +30,12 @@ class RunCheckpoint(ModelCheckpoint):
         if self.save_last:
             self._last_written_at = trainer.global_step
 
+    def save_last_now(self, trainer: L.Trainer) -> str:
+        """Write ``last.ckpt`` now (e.g. before a signal stops the run) as this callback's own last checkpoint, so
+        that a resumed run keeps writing ``last.ckpt`` (not ``last-v1.ckpt``). Returns its path."""
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        return self.last_model_path
+
     def _refresh_last(self, trainer: L.Trainer) -> None:
         if (not self.save_last or trainer.fast_dev_run or trainer.sanity_checking
                 or trainer.state.fn != TrainerFn.FITTING or self._last_written_at == trainer.global_step
