@@ -32,7 +32,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .layers import AdaLNBeforeHead, AdaLNSelfAttn
-from .sampling import cfg_mix, cfg_ratio, resolve_temperatures, sample_smooth, sample_top_k_top_p, uniform_labels
+from .sampling import (
+    cfg_mix,
+    cfg_ratio,
+    resolve_temperatures,
+    sample_smooth,
+    sample_top_k_top_p,
+    uniform_labels,
+)
 from .scales import (
     DEFAULT_PATCH_NUMS,
     TINY_PATCH_NUMS,
@@ -278,9 +285,9 @@ class VAR(nn.Module):
         h = self.run_blocks(x if add is None else x + add, cond_BD, None, hook)
         logits = self.get_logits(h, cond_BD)
         picked = pick(si, cfg_mix(logits, cfg_ratio(si, K, cfg)))
-        idx, h = picked if isinstance(picked, tuple) else (picked, vqvae.quantize.embedding(picked))
+        idx, emb_BlC = picked if isinstance(picked, tuple) else (picked, vqvae.quantize.embedding(picked))
         B = idx.shape[0]
-        emb = h.transpose(1, 2).reshape(B, self.Cvae, pn, pn).float()
+        emb = emb_BlC.transpose(1, 2).reshape(B, self.Cvae, pn, pn).float()
         _, nxt = vqvae.next_autoregressive_input(si, f_hat, emb)
         if si == K - 1:
             return logits, idx, None
