@@ -3,6 +3,9 @@
 * :func:`cfg_ratio`, :func:`cfg_mix` — VAR's linear CFG ramp t = cfg·si/(K−1), (1+t)·cond − t·uncond.
 * :func:`temperature_schedule` — per-scale T_k (``const`` | ``step`` | ``linear``), ECM's T_high → T_low.
 * :func:`top_k_top_p_filter_` / :func:`sample_top_k_top_p` — VAR's filtering rules and seeded multinomial.
+* :func:`uniform_labels` — the class labels VAR's sampler draws when none are given.
+* :func:`smooth_tau`, :func:`gumbel_softmax_embed`, :func:`sample_smooth` — VAR's ``more_smooth`` step: a
+  Gumbel-softmax mixture of codebook vectors replaces the embedding of the drawn tokens.
 * :func:`filtered_probs`, :func:`exponential_noise`, :func:`sample_with_noise` — the same draw split into a
   random part (Exp(1) noise, drawn outside) and a deterministic, sync-free part (CUDA-graph capturable).
 * :func:`normalize_trunc_probs`, :func:`trunc_generator`, :func:`draw_trunc_scale` — early-centric
@@ -81,14 +84,18 @@ def top_k_top_p_filter_(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0) 
     return logits_BlV
 
 
-def filtered_probs(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0) -> Tensor:
-    """Divide by ``temperature`` *before* filtering, filter, softmax → probabilities (B·l, V) fp32.
+def filter_logits(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0) -> Tensor:
+    """Divide by ``temperature`` *before* filtering, then filter → fp32 logits (B, l, V), −inf where removed.
     Computed on a copy (the caller's logits are left untouched)."""
-    V = logits_BlV.shape[-1]
     logits = logits_BlV.float()
     logits = logits / temperature if temperature != 1.0 else logits.clone()
-    top_k_top_p_filter_(logits, top_k, top_p)
-    return logits.softmax(dim=-1).view(-1, V)
+    return top_k_top_p_filter_(logits, top_k, top_p)
+
+
+def filtered_probs(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0) -> Tensor:
+    """Softmax of :func:`filter_logits` → probabilities (B·l, V) fp32."""
+    V = logits_BlV.shape[-1]
+    return filter_logits(logits_BlV, top_k, top_p, temperature).softmax(dim=-1).view(-1, V)
 
 
 def sample_top_k_top_p(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0,
@@ -97,6 +104,46 @@ def sample_top_k_top_p(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0,
     B, l, _ = logits_BlV.shape
     probs = filtered_probs(logits_BlV, top_k, top_p, temperature)
     return torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, l)
+
+
+def uniform_labels(B: int, num_classes: int, generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> Tensor:
+    """B labels drawn as VAR's sampler draws them for ``label_B=None``: one ``torch.multinomial`` call of B samples
+    with replacement from a (1, num_classes) fp32 row of 1/num_classes with ``generator`` → (B,) int64 (the same
+    call consumes the generator the same way, so the tokens drawn after it match too)."""
+    probs = torch.full((1, num_classes), 1.0 / num_classes, dtype=torch.float32, device=device)
+    return torch.multinomial(probs, num_samples=B, replacement=True, generator=generator).reshape(B)
+
+
+def smooth_tau(si: int, num_scales: int) -> float:
+    """Gumbel-softmax temperature of ``more_smooth`` at scale ``si``: max(0.27·(1 − 0.95·r), 0.005),
+    r = si/(K − 1) (0 if K == 1), from 0.27 at the first scale down to 0.0135 at the last."""
+    r = si / (num_scales - 1) if num_scales > 1 else 0.0
+    return max(0.27 * (1 - r * 0.95), 0.005)
+
+
+def gumbel_softmax_embed(logits_BlV: Tensor, codebook_VC: Tensor, si: int, num_scales: int,
+                         generator: torch.Generator | None = None) -> Tensor:
+    """VAR's ``more_smooth`` embedding (B, l, Cvae): y = softmax((logits·(1 + r) + g) / τ) over the vocabulary,
+    g = −log(q), q ~ Exp(1) of the logits' shape drawn with ``generator``, τ = :func:`smooth_tau`, r = si/(K − 1);
+    then y @ codebook (soft, not hard: the mixture of codebook vectors, no straight-through)."""
+    r = si / (num_scales - 1) if num_scales > 1 else 0.0
+    gumbels = -torch.empty_like(logits_BlV).exponential_(generator=generator).log()
+    y = ((logits_BlV.mul(1 + r) + gumbels) / smooth_tau(si, num_scales)).softmax(dim=-1)
+    return y @ codebook_VC.unsqueeze(0)
+
+
+def sample_smooth(logits_BlV: Tensor, codebook_VC: Tensor, si: int, num_scales: int, top_k: int = 0,
+                  top_p: float = 0.0, generator: torch.Generator | None = None,
+                  temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """One ``more_smooth`` step → (tokens (B, l) int64, embedding (B, l, Cvae)): the tokens are drawn as by
+    :func:`sample_top_k_top_p`; the embedding is :func:`gumbel_softmax_embed` of the same filtered (and
+    temperature-divided) logits, its noise drawn after the tokens from the same generator."""
+    B, l, V = logits_BlV.shape
+    logits = filter_logits(logits_BlV, top_k, top_p, temperature)
+    idx = torch.multinomial(logits.softmax(dim=-1).view(-1, V), num_samples=1, replacement=True,
+                            generator=generator).view(B, l)
+    return idx, gumbel_softmax_embed(logits, codebook_VC, si, num_scales, generator)
 
 
 def exponential_noise(shape: tuple[int, ...], generator: torch.Generator | None = None,

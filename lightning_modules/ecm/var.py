@@ -32,7 +32,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .layers import AdaLNBeforeHead, AdaLNSelfAttn
-from .sampling import cfg_mix, cfg_ratio, resolve_temperatures, sample_top_k_top_p
+from .sampling import (
+    cfg_mix,
+    cfg_ratio,
+    resolve_temperatures,
+    sample_smooth,
+    sample_top_k_top_p,
+    uniform_labels,
+)
 from .scales import (
     DEFAULT_PATCH_NUMS,
     TINY_PATCH_NUMS,
@@ -242,14 +249,14 @@ class VAR(nn.Module):
     def _resolve_sampling(self, B: int, labels: Tensor | int | None, g_seed: int | None,
                           generator: torch.Generator | None) -> tuple[Tensor, torch.Generator | None]:
         """Labels (B,) int64 on the model's device and the generator (``g_seed`` → a fresh one on the device).
-        Random labels (``labels=None``) are the first draw from the generator."""
+        Random labels (``labels=None``) are the first draw from the generator (:func:`uniform_labels`)."""
         dev = self.lvl_1L.device
         if g_seed is not None and generator is not None:
             raise ValueError("pass either g_seed or generator, not both")
         rng = generator if generator is not None else (
             torch.Generator(device=dev).manual_seed(g_seed) if g_seed is not None else None)
         if labels is None:
-            labels = torch.multinomial(torch.ones(self.num_classes, device=dev), B, replacement=True, generator=rng)
+            labels = uniform_labels(B, self.num_classes, rng, dev)
         elif isinstance(labels, int):
             labels = torch.full((B,), self.num_classes if labels < 0 else labels, device=dev, dtype=torch.long)
         return labels.to(dev).long(), rng
@@ -264,20 +271,23 @@ class VAR(nn.Module):
         return cond_BD, lvl_pos, x
 
     def sample_scale(self, si: int, x: Tensor, cond_BD: Tensor, lvl_pos: Tensor, f_hat: Tensor, vqvae: nn.Module,
-                     cfg: float, pick: Callable[[int, Tensor], Tensor],
+                     cfg: float, pick: Callable[[int, Tensor], Tensor | tuple[Tensor, Tensor]],
                      hook: HookFn | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """One KV-cached sampling scale (caches must be on): blocks on the scale's 2B rows → raw logits
         (2B, pn², V) fp32 → CFG mix → ``pick(si, mixed)`` → tokens (B, pn²) → f̂ += φ(…) in place → the next
-        scale's input (2B, pn_next², C), or None after the last scale. Every shape depends only on ``si``."""
+        scale's input (2B, pn_next², C), or None after the last scale. Every shape depends only on ``si``.
+        ``pick`` may return (tokens, embedding (B, pn², Cvae)) to feed f̂ that embedding instead of the tokens'
+        codebook vectors (``more_smooth``)."""
         K, pn = len(self.patch_nums), self.patch_nums[si]
         bg, ed = self.begin_ends[si]
         prepare = getattr(hook, "prepare", None)
         add = prepare(bg, ed) if prepare is not None else None
         h = self.run_blocks(x if add is None else x + add, cond_BD, None, hook)
         logits = self.get_logits(h, cond_BD)
-        idx = pick(si, cfg_mix(logits, cfg_ratio(si, K, cfg)))
+        picked = pick(si, cfg_mix(logits, cfg_ratio(si, K, cfg)))
+        idx, emb_BlC = picked if isinstance(picked, tuple) else (picked, vqvae.quantize.embedding(picked))
         B = idx.shape[0]
-        emb = vqvae.quantize.embedding(idx).transpose(1, 2).reshape(B, self.Cvae, pn, pn).float()
+        emb = emb_BlC.transpose(1, 2).reshape(B, self.Cvae, pn, pn).float()
         _, nxt = vqvae.next_autoregressive_input(si, f_hat, emb)
         if si == K - 1:
             return logits, idx, None
@@ -291,7 +301,8 @@ class VAR(nn.Module):
                                  cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
                                  temperature_schedule: float | Sequence[float] | None = None,
                                  hook: HookFn | None = None, return_logits: bool = False, decode: bool = True,
-                                 sampler: str = "eager", sampler_compile: dict | None = None):
+                                 sampler: str = "eager", sampler_compile: dict | None = None,
+                                 more_smooth: bool = False):
         """KV-cached CFG sampling (spec §3.7 + ECM temperature §2.4). Rows [0, B) use ``labels``, rows
         [B, 2B) the null class. Per scale: raw logits → (1+t)·cond − t·uncond, t = cfg·si/(K−1) → ÷ T_si →
         top-k/top-p → multinomial with ``generator`` (or a fresh one seeded by ``g_seed``).
@@ -302,11 +313,15 @@ class VAR(nn.Module):
         on the first call of a configuration and cached on this module, see :meth:`clear_sampling_graphs`).
         ``sampler_compile``: ``torch.compile`` kwargs for the per-scale step of ``static``/``graph`` (one graph
         per scale; inductor's fusions change float rounding, so tokens may then differ from ``eager``).
+        ``more_smooth`` (eager only; for visualisation, not FID): f̂ accumulates a Gumbel-softmax mixture of
+        codebook vectors of the filtered logits instead of the drawn tokens' vectors (:func:`sample_smooth`).
 
         Returns images in [0, 1] (or f̂ if ``decode=False``); with ``return_logits`` a tuple
         ``(img, idx_list[(B, pn²)], raw_logits_list[(2B, pn², V) fp32, before CFG])``."""
         labels, rng = self._resolve_sampling(B, labels, g_seed, generator)
         temps = resolve_temperatures(temperature_schedule, len(self.patch_nums))
+        if more_smooth and sampler != "eager":
+            raise ValueError(f"more_smooth=True needs sampler='eager', got sampler={sampler!r}")
         if sampler != "eager":
             run = self.static_sampler(B, vqvae, cfg=cfg, top_k=top_k, top_p=top_p, temperatures=temps, hook=hook,
                                       return_logits=return_logits, sampler=sampler, compile_kw=sampler_compile)
@@ -317,7 +332,10 @@ class VAR(nn.Module):
             f_hat = cond_BD.new_zeros(B, self.Cvae, H, H, dtype=torch.float32)
             idx_list, logits_list = [], []
 
-            def pick(si: int, mixed: Tensor) -> Tensor:
+            def pick(si: int, mixed: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+                if more_smooth:
+                    return sample_smooth(mixed, vqvae.quantize.embedding.weight, si, len(temps), top_k, top_p,
+                                         generator=rng, temperature=temps[si])
                 return sample_top_k_top_p(mixed, top_k, top_p, generator=rng, temperature=temps[si])
 
             self._set_caching(True, hook)

@@ -108,3 +108,47 @@ def test_normalize_trunc_probs():
     with pytest.raises(ValueError, match=re.escape("trunc_probs keys [12] must lie in [0, 10)")):
         normalize_trunc_probs({12: 1.0}, num_scales=10)
     assert draw_trunc_scale({3: 1.0}, seed=0, step=5) == 3
+
+
+def test_uniform_labels_draw():
+    g = torch.Generator().manual_seed(5)
+    lab = S.uniform_labels(64, 10, g)
+    assert lab.shape == (64,) and lab.dtype == torch.int64 and 0 <= int(lab.min()) and int(lab.max()) < 10
+    assert len(lab.unique()) > 5
+    ref = torch.multinomial(torch.full((1, 10), 0.1), 64, replacement=True, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(lab, ref.view(64))
+
+
+def test_smooth_tau_schedule():
+    assert S.smooth_tau(0, 6) == pytest.approx(0.27)
+    assert S.smooth_tau(5, 6) == pytest.approx(0.27 * 0.05)
+    assert S.smooth_tau(2, 6) == pytest.approx(0.27 * (1 - 0.4 * 0.95))
+    assert S.smooth_tau(0, 1) == pytest.approx(0.27)
+    taus = [S.smooth_tau(si, 10) for si in range(10)]
+    assert taus == sorted(taus, reverse=True) and min(taus) > 0.005
+
+
+def test_gumbel_softmax_embed_is_a_seeded_codebook_mixture():
+    torch.manual_seed(0)
+    logits, book = torch.randn(2, 3, 7), torch.randn(7, 4)
+    logits[0, 0, 1:] = float("-inf")  # a filtered row keeps only its survivor
+    a = S.gumbel_softmax_embed(logits, book, 1, 4, torch.Generator().manual_seed(3))
+    b = S.gumbel_softmax_embed(logits, book, 1, 4, torch.Generator().manual_seed(3))
+    c = S.gumbel_softmax_embed(logits, book, 1, 4, torch.Generator().manual_seed(4))
+    assert a.shape == (2, 3, 4) and torch.equal(a, b) and not torch.equal(a, c)
+    torch.testing.assert_close(a[0, 0], book[0])
+    g = torch.Generator().manual_seed(3)
+    q = torch.empty_like(logits).exponential_(generator=g)
+    y = ((logits * (1 + 1 / 3) - q.log()) / S.smooth_tau(1, 4)).softmax(-1)
+    torch.testing.assert_close(a, y @ book)
+
+
+def test_sample_smooth_tokens_equal_plain_sampling():
+    torch.manual_seed(1)
+    logits, book = torch.randn(2, 5, 16), torch.randn(16, 3)
+    idx, h = S.sample_smooth(logits, book, 2, 6, top_k=4, top_p=0.9, generator=torch.Generator().manual_seed(9))
+    ref = sample_top_k_top_p(logits, 4, 0.9, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(idx, ref) and h.shape == (2, 5, 3)
+    idx1, h1 = S.sample_smooth(logits, book, 2, 6, top_k=1, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(idx1, logits.argmax(-1))  # one survivor: the mixture is its codebook vector
+    torch.testing.assert_close(h1, book[idx1])
