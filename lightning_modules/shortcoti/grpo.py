@@ -59,7 +59,7 @@ class LossConfig:
                              "tokens + image tokens)")
 
     @classmethod
-    def t2i_r1(cls) -> "LossConfig":
+    def t2i_r1(cls) -> LossConfig:
         """T2I-R1's loss: bnpo, β 0.01, no KL correction, μ = 1."""
         return cls(type="bnpo", beta=0.01, kl_bias_correction=False, num_iterations=1)
 

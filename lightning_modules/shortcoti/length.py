@@ -21,8 +21,8 @@ public; every constant is a [design] knob (``model.init_args.length.*``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -135,20 +135,18 @@ def cap_cot(
     cot_mask: torch.Tensor,
     cfg: LengthConfig,
     eos_token_id: int,
-    decode: Callable[[list[int]], str] | None = None,
+    decode: Callable[[list[int]], str],
 ) -> dict[str, object]:
     """CapLength at rollout: cut every CoT to its first ``cfg.cap`` units.
 
     cot_ids/cot_mask (N, T), the mask covering tokens up to and including the first EOS. Returns ``mask`` (N, T):
     the input mask with tokens past the cut set to 0 (a cut CoT loses its EOS too); ``capped`` (N,) bool: a cut
     happened; ``kept`` (N,) long: tokens kept; ``texts``: the decoded kept CoTs (what enters the image prompt; EOS
-    not decoded), when ``decode`` is given. A word cap needs ``decode`` (token ids → text): the cut is located by
-    decoding token prefixes. A CoT that hit the token budget without EOS counts as cut only if it is over the cap.
+    not decoded). ``decode`` maps token ids to text; a word cap is located by decoding token prefixes. A CoT that hit
+    the token budget without EOS counts as cut only if it is over the cap.
     """
     if cot_ids.shape != cot_mask.shape or cot_ids.ndim != 2:
         raise ValueError(f"cot_ids {tuple(cot_ids.shape)} and cot_mask {tuple(cot_mask.shape)} must be equal (N, T)")
-    if cfg.unit == "words" and decode is None:
-        raise ValueError("CapLength with unit 'words' needs decode (token ids -> text) to locate the cut")
     mask = cot_mask.clone()
     kept = torch.zeros(cot_ids.shape[0], dtype=torch.long)
     capped = torch.zeros(cot_ids.shape[0], dtype=torch.bool)
@@ -165,12 +163,8 @@ def cap_cot(
             positions = active.nonzero().flatten()
             mask[i, positions[k:]] = 0  # body tokens come first under the mask; the EOS (if any) follows them
         kept[i] = k
-        if decode is not None:
-            texts.append(decode(body[:k]))
-    out: dict[str, object] = {"mask": mask, "capped": capped, "kept": kept}
-    if decode is not None:
-        out["texts"] = texts
-    return out
+        texts.append(decode(body[:k]))
+    return {"mask": mask, "capped": capped, "kept": kept, "texts": texts}
 
 
 # ----------------------------------------------------------------------------------------- Target and adaptive
@@ -267,3 +261,33 @@ def length_reward(
         raise ValueError(f"easiness {tuple(e.shape)} and length {tuple(length.shape)} must match")
     w = difficulty_weight(e, cfg)
     return {"reward": -cfg.alpha * w * phi, "weight": w, "easiness": e}
+
+
+def apply_length_mode(
+    cfg: LengthConfig,
+    cot_ids: torch.Tensor,
+    cot_mask: torch.Tensor,
+    texts: Sequence[str],
+    eos_token_id: int,
+    decode: Callable[[list[int]], str] | None = None,
+    G: int | None = None,
+    quality: dict[str, torch.Tensor] | None = None,
+    active: dict[str, torch.Tensor] | None = None,
+    easiness_override: torch.Tensor | None = None,
+) -> dict[str, object]:
+    """The length stage of a rollout, on the CoT segment only (image tokens are no argument).
+
+    CapLength cuts first (it needs ``decode``), then lengths are counted on what remains and R_len is computed.
+    Returns ``mask`` (CoT mask after the cut), ``texts`` (the CoTs that enter the image prompts), ``capped`` (N,)
+    bool, ``words``, ``tokens``, ``length`` (N,) and the entries of ``length_reward`` (``reward``, …).
+    """
+    capped = torch.zeros(cot_ids.shape[0], dtype=torch.bool)
+    mask, texts = cot_mask, list(texts)
+    if cfg.mode == "cap":
+        if decode is None:
+            raise ValueError("length.mode 'cap' needs decode (token ids -> text): the cut CoT enters the image prompt")
+        cut = cap_cot(cot_ids, cot_mask, cfg, eos_token_id, decode)
+        mask, texts, capped = cut["mask"], cut["texts"], cut["capped"]
+    counts = cot_lengths(texts, cot_ids, mask, eos_token_id, cfg.unit)
+    reward = length_reward(cfg, counts["length"], G, quality, active, capped, easiness_override)
+    return {"mask": mask, "texts": texts, "capped": capped, **counts, **reward}

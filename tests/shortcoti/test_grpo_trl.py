@@ -12,10 +12,14 @@ import torch
 
 trl = pytest.importorskip("trl", reason="the TRL oracle needs trl==1.16.0 (dev extra: pip install -e '.[dev]')")
 
-from ctrlgen.lightning_modules.shortcoti.grpo import (  # noqa: E402
-    LossConfig, completion_logprobs, grpo_loss, t2i_r1_loss,
+from ctrlgen.lightning_modules.shortcoti.grpo import (
+    LossConfig,
+    completion_logprobs,
+    grpo_loss,
+    t2i_r1_loss,
 )
-from tests.shortcoti.trl_oracle import FusedHeadStub, make_trainer, trl_loss  # noqa: E402
+
+from tests.shortcoti.trl_oracle import FusedHeadStub, make_trainer, trl_loss
 
 TOL = 1e-6
 B, P, C, V = 6, 3, 7, 11
@@ -45,8 +49,8 @@ def _micro_batch(gen: torch.Generator, C: int = C, off_policy: bool = False, bet
         old = logp + 0.5 * torch.randn(B, C, generator=gen, dtype=torch.float64)
         old[0, 0], old[3, 0] = logp[0, 0] - 1.0, logp[3, 0] + 1.0
     ref = logp + 0.3 * torch.randn(B, C, generator=gen, dtype=torch.float64) if beta else None
-    return dict(logits=logits, prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                completion_mask=completion_mask, advantages=advantages, old=old, ref=ref)
+    return {"logits": logits, "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+            "completion_mask": completion_mask, "advantages": advantages, "old": old, "ref": ref}
 
 
 @pytest.mark.parametrize("accumulation", ACCUMULATION, ids=lambda a: f"ga{a[0]}spg{a[1]}")

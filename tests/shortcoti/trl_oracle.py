@@ -13,10 +13,9 @@ from collections import defaultdict
 from types import SimpleNamespace
 
 import torch
+from ctrlgen.lightning_modules.shortcoti.grpo import LossConfig
 from trl import GRPOTrainer
 from trl.trainer.utils import selective_log_softmax
-
-from ctrlgen.lightning_modules.shortcoti.grpo import LossConfig
 
 
 class FusedHeadStub(torch.nn.Module):
