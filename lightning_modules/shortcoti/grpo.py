@@ -15,7 +15,8 @@ method as an oracle). With per-token log-probs ``logp`` of the policy, ``old`` o
   window's summed dapo loss is the token mean over the window (P = 1).
 
 T2I-R1 mode: CoT and image segments of a row concatenated along time, ``bnpo``, β 0.01, no KL correction, μ = 1
-(old = logp.detach(), so ρ ≡ 1 in value and only its gradient acts).
+(old = logp.detach(), so ρ ≡ 1 in value and only its gradient acts). Group advantages are shared GRPO code:
+``ctrlgen.lightning_modules.common.rollouts.group_advantages`` (``scale_rewards`` group | batch | none).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ import torch
 MODES = ("none", "cap", "target", "adaptive")
 UNITS = ("words", "tokens")
 SHAPES = ("hinge", "linear", "sigmoid")
+SOURCES = ("group", "offline", "ema")
 
 
 def _default_ranges() -> dict[str, tuple[float, float]]:
@@ -40,25 +41,30 @@ class LengthConfig:
     """Length-mode knobs; every default is [design] (spec §3.2): ``unit`` words|tokens; CapLength ``cap`` units,
     ``cap_penalty``, ``tokens_per_word_max`` (sizes the CoT token budget under a word cap); TargetLength/adaptive
     ``alpha``, ``target`` (L_T), ``shape`` of φ, ``tau`` (sigmoid width); adaptive ``w_min``, ``w_max``, ``gamma``
-    and per-reward normalisation ``ranges`` {name: (lo, hi)} of the easiness estimate."""
+    and per-reward normalisation ``ranges`` {name: (lo, hi)} of the easiness estimate, ``difficulty_source``
+    (``group``: the prompt's own G rollouts; ``offline``/``ema``: a per-prompt easiness kept by the caller) and
+    ``momentum`` of the ``ema`` source."""
 
-    mode: str = "none"
-    unit: str = "words"
-    cap: int = 40
-    cap_penalty: float = 0.0
-    tokens_per_word_max: float = 2.0
-    alpha: float = 0.5
-    target: float = 40.0
-    shape: str = "hinge"
-    tau: float = 10.0
-    w_min: float = 0.25
-    w_max: float = 1.0
-    gamma: float = 1.0
-    ranges: dict[str, tuple[float, float]] = field(default_factory=_default_ranges)
+    mode: str = "none"  # none = T2I-R1
+    unit: str = "words"  # [design] the paper reports words
+    cap: int = 40  # [design]
+    cap_penalty: float = 0.0  # [design]
+    tokens_per_word_max: float = 2.0  # [design]
+    alpha: float = 0.5  # [design] α of Eq. (4)
+    target: float = 40.0  # [design] L_T of Eq. (4)
+    shape: str = "hinge"  # [design]
+    tau: float = 10.0  # [design]
+    w_min: float = 0.25  # [design]
+    w_max: float = 1.0  # [design]
+    gamma: float = 1.0  # [design]
+    ranges: dict[str, tuple[float, float]] = field(default_factory=_default_ranges)  # [design]
+    difficulty_source: str = "group"  # [design] group | offline | ema (the latter two pass easiness_override)
+    momentum: float = 0.9  # [design] of the ema source
 
     def __post_init__(self) -> None:
-        for key, value, allowed in (("mode", self.mode, MODES), ("unit", self.unit, UNITS),
-                                    ("shape", self.shape, SHAPES)):
+        choices = (("mode", self.mode, MODES), ("unit", self.unit, UNITS), ("shape", self.shape, SHAPES),
+                   ("difficulty_source", self.difficulty_source, SOURCES))
+        for key, value, allowed in choices:
             if value not in allowed:
                 raise ValueError(f"length.{key} must be one of {allowed}, got {value!r}")
         if self.cap < 1 or self.target <= 0 or self.tau <= 0 or self.tokens_per_word_max <= 0:
@@ -67,6 +73,8 @@ class LengthConfig:
         if not 0 <= self.w_min <= self.w_max or self.gamma <= 0:
             raise ValueError(f"length needs 0 <= w_min <= w_max and gamma > 0, got w_min={self.w_min}, "
                              f"w_max={self.w_max}, gamma={self.gamma}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"length.momentum must be in [0, 1), got {self.momentum}")
         for name, (lo, hi) in self.ranges.items():
             if not hi > lo:
                 raise ValueError(f"length.ranges.{name} must be (lo, hi) with hi > lo, got ({lo}, {hi})")
@@ -253,6 +261,9 @@ def length_reward(
         return {"reward": -cfg.alpha * phi}
     if easiness_override is not None:
         e = easiness_override.detach().to(torch.float64)
+    elif cfg.difficulty_source != "group":
+        raise ValueError(f"length.difficulty_source {cfg.difficulty_source!r} needs easiness_override (the prompt's "
+                         "stored easiness); use 'group' to estimate it from the rollouts' quality rewards")
     elif quality is None or G is None:
         raise ValueError("length.mode 'adaptive' needs quality rewards and G (or an easiness_override)")
     else:

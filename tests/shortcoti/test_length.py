@@ -195,5 +195,10 @@ def test_config_errors_name_the_key():
         LengthConfig(w_min=0.9, w_max=0.5)
     with pytest.raises(ValueError, match="length.ranges.hps"):
         LengthConfig(ranges={"hps": (0.3, 0.2)})
+    with pytest.raises(ValueError, match="length.difficulty_source"):
+        LengthConfig(difficulty_source="oracle")
+    with pytest.raises(ValueError, match="needs easiness_override"):
+        length_reward(LengthConfig(mode="adaptive", difficulty_source="ema"), torch.ones(2), 2,
+                      {"orm": torch.ones(2)})
     with pytest.raises(ValueError, match="needs decode"):
         apply_length_mode(LengthConfig(mode="cap"), *_rows([[3]], [True]), [" a"], EOS)
