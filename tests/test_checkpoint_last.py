@@ -45,3 +45,60 @@ def test_last_checkpoint_is_the_newest_state(shapes_shards, tmp_path, cls):
     resumed, _ = _run(cls, shapes_shards, tmp_path, max_steps=9, ckpt_path="last")
     assert resumed.global_step == 9
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 9
+
+
+def _ckpt(path, step):
+    torch.save({"global_step": step, "state_dict": {"w": torch.full((4,), float(step))}}, path)
+
+
+def test_atomic_save_leaves_no_partial_file_on_a_full_disk(tmp_path, monkeypatch):
+    """A save that fails mid-write (ENOSPC after half the bytes) keeps the previous checkpoint and leaves no partial
+    or temporary file; the error names the checkpoint."""
+    import errno
+
+    import ctrlgen.callbacks.checkpoint as ck
+
+    io = ck.AtomicCheckpointIO()
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"global_step": 3, "state_dict": {"w": torch.ones(3)}}, target)
+    good = target.read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        f.truncate(len(good) // 2)  # half of it reached the disk, then the disk was full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck.torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"saving checkpoint .*last\.ckpt failed .*No space left.*untouched"):
+        io.save_checkpoint({"global_step": 4, "state_dict": {"w": torch.zeros(3)}}, target)
+    assert target.read_bytes() == good and sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
+    assert ck.read_step(target) == 3
+
+
+def test_run_checkpoint_installs_the_atomic_io(shapes_shards, tmp_path):
+    from ctrlgen.callbacks.checkpoint import AtomicCheckpointIO
+
+    trainer, _ = _run(RunCheckpoint, shapes_shards, tmp_path, max_steps=2)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if ".tmp-" in p.name]
+
+
+def test_newest_intact_checkpoint_passes_over_a_truncated_or_stale_last(tmp_path):
+    from ctrlgen.callbacks.checkpoint import newest_intact_checkpoint
+
+    _ckpt(tmp_path / "last.ckpt", 3)
+    _ckpt(tmp_path / "step0000003.ckpt", 3)
+    assert newest_intact_checkpoint(tmp_path) == tmp_path / "last.ckpt"  # equal steps: last.ckpt
+    _ckpt(tmp_path / "step0000005.ckpt", 5)  # a kill between the step checkpoint and last.ckpt
+    with pytest.warns(UserWarning, match=r"last\.ckpt holds step 3; resuming from .*step0000005\.ckpt \(step 5\)"):
+        assert newest_intact_checkpoint(tmp_path) == tmp_path / "step0000005.ckpt"
+    data = (tmp_path / "step0000005.ckpt").read_bytes()
+    (tmp_path / "step0000005.ckpt").unlink()
+    (tmp_path / "last.ckpt").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.warns(UserWarning, match=r"last\.ckpt is not a complete checkpoint; resuming from .*step0000003"):
+        assert newest_intact_checkpoint(tmp_path) == tmp_path / "step0000003.ckpt"
+    (tmp_path / "step0000003.ckpt").unlink()
+    with pytest.warns(UserWarning, match=r"none of \['last\.ckpt'\] .* is a complete checkpoint"):
+        assert newest_intact_checkpoint(tmp_path) is None
+    assert newest_intact_checkpoint(tmp_path / "empty") is None
