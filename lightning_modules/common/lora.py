@@ -241,7 +241,7 @@ def lora_param_count(model: nn.Module, adapter: str | None = None) -> int:
 #   attention processors      <prefix>.<block>.processor.to_q_lora.down.weight (``to_out_lora`` → ``to_out.0``)
 #   optional network alpha    <prefix>.<path>.alpha (scale = alpha / r)
 _FACTOR_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down",
-                    ".lora.up.weight": "up", ".lora_down.weight": "down", ".lora_up.weight": "up"}
+                    ".lora.up.weight": "up", "_lora.down.weight": "down", "_lora.up.weight": "up"}
 
 
 class LoraFactors(NamedTuple):
@@ -276,7 +276,6 @@ def _layer_path(key: str) -> tuple[str, str] | None:
         path, kind = key[: -len(".alpha")], "alpha"
     if ".processor." in path:  # <block>.processor.to_q_lora → <block>.to_q
         block, proc = path.split(".processor.", 1)
-        proc = proc.removesuffix("_lora")
         path = f"{block}.{'to_out.0' if proc == 'to_out' else proc}"
     return path, kind
 
