@@ -3,16 +3,17 @@
 A small random ``UNet2DConditionModel`` (SD-style attention blocks) with two random rank-``--rank`` age LoRAs on
 ``to_q/to_k/to_v/to_out.0`` runs UNet forwards in these variants, measured alternately in one run:
 
-* ``bare``        — the UNet without LoRA (the reference);
+* ``bare``        — the UNet without LoRA (the reference); ``bare_again``, a second copy, shows the timing noise;
 * ``merged``      — SVDMix(α) materialised once and added into the base weights (``AgeFusion.apply(merge=True)``);
 * ``adapter``     — SVDMix(α) materialised once as one rank-r peft adapter ``age_mix`` (factored LoRA path);
 * ``set_adapters`` — linear fusion through diffusers ``set_adapters(["young", "old"], [α, 1 − α])`` (two adapters);
 * ``per_call``    — the released code's behaviour: every LoRA'd linear rebuilds the SVDMix factors and the dense
   ΔW(α) from cached SVDs on every call, then adds a second full-width matmul (agebooth.md §9).
 
-Reports the median ms per forward and each variant's ratio to ``bare``; the target is merged ≤ 1.05× bare.
+Reports the median and the minimum ms per forward over the rounds and each variant's ratio to ``bare``; the target
+is merged ≤ 1.05× bare. On a shared CPU the minimum is the steadier figure.
 
-    python bench/bench_agebooth_fusion.py --repeats 11 --calls 3
+    python bench/bench_agebooth_fusion.py --repeats 21 --calls 2
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ def parse(argv=None):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=0.4)
-    p.add_argument("--repeats", type=int, default=11, help="alternating rounds; the median round counts")
-    p.add_argument("--calls", type=int, default=3, help="UNet forwards per variant and round")
+    p.add_argument("--repeats", type=int, default=21, help="alternating rounds; the median round counts")
+    p.add_argument("--calls", type=int, default=2, help="UNet forwards per variant and round")
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
 
@@ -41,10 +42,10 @@ def small_unet(channels, cross_dim: int = 64, seed: int = 0):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    n = len(channels)
+    cross = ("CrossAttnDownBlock2D",) * (len(channels) - 1)
     return UNet2DConditionModel(sample_size=32, in_channels=4, out_channels=4, block_out_channels=tuple(channels),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+                                layers_per_block=1, down_block_types=(*cross, "DownBlock2D"),
+                                up_block_types=("UpBlock2D", *(("CrossAttnUpBlock2D",) * len(cross))),
                                 cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=16,
                                 transformer_layers_per_block=2).eval()
 
@@ -89,7 +90,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(a.threads)
     young, old = random_lora(small_unet(a.channels), a.rank, 1), random_lora(small_unet(a.channels), a.rank, 2)
     age = AgeFusion(young, old, "svdmix")
-    unets = {"bare": small_unet(a.channels)}
+    unets = {"bare": small_unet(a.channels), "bare_again": small_unet(a.channels)}  # the second: noise floor
     unets["merged"] = small_unet(a.channels)
     age.apply(unets["merged"], a.alpha, merge=True)
     unets["adapter"] = small_unet(a.channels)
@@ -110,8 +111,8 @@ def main(argv=None) -> dict:
         ref = unets["per_call"](x, t, encoder_hidden_states=ctx).sample
         check = {k: ((unets[k](x, t, encoder_hidden_states=ctx).sample - ref).norm() / ref.norm()).item()
                  for k in ("merged", "adapter")}
-        for k in unets:  # warm-up
-            unets[k](x, t, encoder_hidden_states=ctx)
+        for unet in unets.values():  # warm-up
+            unet(x, t, encoder_hidden_states=ctx)
         names = list(unets)
         for i in range(a.repeats):
             for k in names[i % len(names):] + names[: i % len(names)]:  # rotate the order: no variant always first

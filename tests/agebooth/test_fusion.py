@@ -176,7 +176,8 @@ def test_bad_inputs_raise_clear_errors():
 # ---------------------------------------------------------------------------------------------- prompt fusion
 def _encoding(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"prompt_embeds": torch.randn(2, 77, 32, generator=g), "pooled_prompt_embeds": torch.randn(2, 20, generator=g),
+    return {"prompt_embeds": torch.randn(2, 77, 32, generator=g),
+            "pooled_prompt_embeds": torch.randn(2, 20, generator=g),
             "negative_prompt_embeds": torch.randn(2, 77, 32, generator=g),
             "negative_pooled_prompt_embeds": torch.randn(2, 20, generator=g)}
 
