@@ -13,6 +13,10 @@
 - :func:`set_adapter_weights`: several adapters active at once, each scaled (diffusers ``set_adapters`` semantics:
   output = base + Σ wᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ·x), done with peft's layer API so it works on any module.
 - :func:`merge_lora` / :func:`unmerge_lora`: fold active adapters into the base weights and back (peft ``merge``).
+- :class:`LoraFactors`, :func:`read_lora_factors`, :func:`lora_factors_state_dict`, :func:`model_lora_factors`,
+  :func:`add_lora_factors`, :func:`set_lora_factors`: per-layer ``(down, up, scale)`` factors read from any common
+  LoRA key style (peft/diffusers, diffusers ≤ 0.24 ``lora.down``/``lora.up``, attention processors), written back in
+  the peft or legacy style, and loaded onto exactly the named layers of a model (new adapter or in place).
 
 Inject adapters in the LightningModule's ``__init__`` so checkpoints (which keep the LoRA keys of frozen bases, see
 ``BaseGenModule.on_save_checkpoint``) load into a module that already has them.
@@ -21,11 +25,13 @@ Inject adapters in the LightningModule's ``__init__`` so checkpoints (which keep
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -223,3 +229,187 @@ def unmerge_lora(model: nn.Module) -> None:
 
 def lora_param_count(model: nn.Module, adapter: str | None = None) -> int:
     return sum(p.numel() for _, p in lora_parameters(model, adapter))
+
+
+# ----------------------------------------------------------------------------------- LoRA factors and key formats
+# A LoRA file names each adapted linear by its module path under a component prefix (``unet.``, ``text_encoder.``).
+# Key styles read here (all describe ΔW = scale · up @ down, down (r, in), up (out, r)):
+#   peft / diffusers ≥ 0.25   <prefix>.<path>.lora_A.weight, <prefix>.<path>.lora_B.weight
+#                             (``save_lora_weights``, :func:`export_lora`; lora_alpha from the metadata header, else r)
+#   diffusers ≤ 0.24          <prefix>.<path>.lora.down.weight, <prefix>.<path>.lora.up.weight
+#                             (``LoRACompatibleLinear``, the format AgeBooth's released LoRAs use; no alpha: scale 1)
+#   attention processors      <prefix>.<block>.processor.to_q_lora.down.weight (``to_out_lora`` → ``to_out.0``)
+#   optional network alpha    <prefix>.<path>.alpha (scale = alpha / r)
+_FACTOR_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down",
+                    ".lora.up.weight": "up", "_lora.down.weight": "down", "_lora.up.weight": "up"}
+
+
+class LoraFactors(NamedTuple):
+    """One adapted linear: ``ΔW = scale · up @ down`` with ``down`` (r, in) and ``up`` (out, r)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        """The dense ``(out, in)`` ΔW."""
+        return self.scale * (self.up @ self.down)
+
+    def folded(self) -> LoraFactors:
+        """The same ΔW with ``scale`` folded into ``down`` (scale 1)."""
+        return self if self.scale == 1.0 else LoraFactors(self.down * self.scale, self.up, 1.0)
+
+
+def _layer_path(key: str) -> tuple[str, str] | None:
+    """``(module path, "down" | "up" | "alpha")`` of a LoRA key without its component prefix, else None."""
+    for suffix, kind in _FACTOR_SUFFIXES.items():
+        if key.endswith(suffix):
+            path = key[: -len(suffix)]
+            break
+    else:
+        if not key.endswith(".alpha"):
+            return None
+        path, kind = key[: -len(".alpha")], "alpha"
+    if ".processor." in path:  # <block>.processor.to_q_lora → <block>.to_q
+        block, proc = path.split(".processor.", 1)
+        path = f"{block}.{'to_out.0' if proc == 'to_out' else proc}"
+    return path, kind
+
+
+def read_lora_factors(source: str | os.PathLike | dict[str, torch.Tensor], prefix: str | None = "unet",
+                      metadata: dict[str, Any] | None = None) -> dict[str, LoraFactors]:
+    """``{module path: LoraFactors}`` of component ``prefix`` from a LoRA safetensors file (or a directory holding
+    ``pytorch_lora_weights.safetensors``) or a state dict, in any key style listed above. ``prefix=None``: keys carry
+    no component prefix (a peft ``get_peft_model_state_dict`` dict). Scales: a ``.alpha`` key, else ``lora_alpha`` /
+    ``alpha_pattern`` from the diffusers metadata header (or ``metadata``), else 1. Keys of other components are
+    skipped; an unknown key under ``prefix``, a factor without its partner or mismatched ranks raise ``KeyError``."""
+    where = "state dict"
+    if not isinstance(source, dict):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = Path(source)
+        path = path / LORA_WEIGHT_NAME if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"LoRA file {str(path)!r} not found (a .safetensors file or a directory holding "
+                                    f"{LORA_WEIGHT_NAME})")
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get(LORA_METADATA_KEY) or "{}")
+        metadata = metadata if metadata is not None else header
+        source, where = load_file(str(path)), repr(str(path))
+    pre = f"{prefix}." if prefix else ""
+    meta = {k[len(pre):]: v for k, v in (metadata or {}).items() if k.startswith(pre)}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in source.items():
+        if not key.startswith(pre):
+            continue
+        parsed = _layer_path(key[len(pre):])
+        if parsed is None:
+            raise KeyError(f"{where}: key {key!r} is not a LoRA factor (expected <path>.lora_A/lora_B.weight or "
+                           f"<path>.lora.down/up.weight under {pre or 'no prefix'!r}); drop it or pick another prefix")
+        parts.setdefault(parsed[0], {})[parsed[1]] = value
+    if not parts:
+        prefixes = sorted({k.split(".", 1)[0] for k in source})
+        raise KeyError(f"{where}: no LoRA keys under prefix {prefix!r} (top-level names found: {prefixes[:8]}); "
+                       f"pass prefix= one of them, or prefix=None for keys without a component prefix")
+    out = {}
+    for path, p in sorted(parts.items()):
+        if "down" not in p or "up" not in p:
+            raise KeyError(f"{where}: layer {pre}{path} has {sorted(p)} but needs both a down/lora_A and an "
+                           f"up/lora_B weight")
+        down, up = p["down"], p["up"]
+        if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
+            raise KeyError(f"{where}: layer {pre}{path}: down {tuple(down.shape)} and up {tuple(up.shape)} are not "
+                           f"(r, in) and (out, r) with one r (conv LoRAs are not supported)")
+        r = down.shape[0]
+        alpha = float(p["alpha"]) if "alpha" in p else float(meta.get("lora_alpha", r))
+        if "alpha" not in p:
+            for pattern, a in (meta.get("alpha_pattern") or {}).items():  # peft's rule: a regex on the path's tail
+                if re.match(rf"(.*\.)?({pattern})$", path):
+                    alpha = float(a)
+        out[path] = LoraFactors(down, up, alpha / (math.sqrt(r) if meta.get("use_rslora") else r))
+    return out
+
+
+def lora_factors_state_dict(factors: dict[str, LoraFactors], prefix: str | None = "unet",
+                            style: str = "peft") -> dict[str, torch.Tensor]:
+    """Inverse of :func:`read_lora_factors` with each scale folded into ``down`` (so every reader sees scale 1).
+    ``style``: ``"peft"`` (``lora_A``/``lora_B``, what ``load_lora_weights`` and :func:`load_lora_file` read) or
+    ``"legacy"`` (diffusers ≤ 0.24 ``lora.down``/``lora.up``, AgeBooth's released format)."""
+    names = {"peft": (".lora_A.weight", ".lora_B.weight"), "legacy": (".lora.down.weight", ".lora.up.weight")}
+    if style not in names:
+        raise ValueError(f"style {style!r} unknown; expected one of {sorted(names)}")
+    pre = f"{prefix}." if prefix else ""
+    sd = {}
+    for path, f in factors.items():
+        f = f.folded()
+        sd[pre + path + names[style][0]] = f.down.contiguous()
+        sd[pre + path + names[style][1]] = f.up.contiguous()
+    return sd
+
+
+def model_lora_factors(model: nn.Module, adapter: str = "default") -> dict[str, LoraFactors]:
+    """``{module path: LoraFactors}`` of adapter ``adapter`` as injected in ``model`` (scale = peft's scaling)."""
+    out = {}
+    for name, layer in tuner_layers(model):
+        if adapter in getattr(layer, "lora_A", {}):
+            out[name] = LoraFactors(layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach(),
+                                    float(layer.scaling[adapter]))
+    if not out:
+        raise KeyError(f"no adapter {adapter!r} in {type(model).__name__} (has {adapter_names(model)})")
+    return out
+
+
+def add_lora_factors(model: nn.Module, factors: dict[str, LoraFactors], adapter: str, trainable: bool = False,
+                     dtype: torch.dtype | None = torch.float32) -> nn.Module:
+    """Inject adapter ``adapter`` on exactly the linears named in ``factors`` (full module paths) and load the factors
+    (rank and scale per layer, through peft ``rank_pattern``/``alpha_pattern``); the adapter becomes the active one.
+    A path that is not a linear of ``model`` or a shape mismatch raises ``KeyError`` naming the layer."""
+    modules = dict(model.named_modules())
+    for path, f in factors.items():
+        m = modules.get(path)
+        base = m.get_base_layer() if hasattr(m, "get_base_layer") else m
+        if not isinstance(base, nn.Linear):
+            raise KeyError(f"LoRA layer {path!r} is {'missing' if m is None else type(base).__name__} in "
+                           f"{type(model).__name__}, expected an nn.Linear; check the file's component prefix")
+        want = (base.out_features, base.in_features)
+        if (f.up.shape[0], f.down.shape[1]) != want:
+            raise KeyError(f"LoRA layer {path!r}: factors give ΔW {(f.up.shape[0], f.down.shape[1])}, the model's "
+                           f"linear is {want}; the LoRA was trained for another model")
+    if any(adapter in path for path in factors):
+        raise ValueError(f"adapter name {adapter!r} is a substring of a LoRA layer's module path; peft then "
+                         f"misreads its keys (false missing keys); pick a name such as 'young', 'old', 'age_mix'")
+    ranks = {p: f.rank for p, f in factors.items()}
+    r = max(ranks.values())
+    alphas = {p: f.scale * f.rank for p, f in factors.items()}
+    add_lora(model, sorted(factors), adapter, r=r, alpha=float(r), init=False, trainable=trainable, dtype=dtype,
+             rank_pattern={p: k for p, k in ranks.items() if k != r},
+             alpha_pattern={p: a for p, a in alphas.items() if a != float(r)})
+    set_lora_factors(model, factors, adapter)
+    return model
+
+
+def set_lora_factors(model: nn.Module, factors: dict[str, LoraFactors], adapter: str) -> None:
+    """Copy ``factors`` in place into the existing adapter ``adapter`` (no re-injection): same layers, same ranks;
+    each factor's scale must equal the adapter's scaling on that layer (fold scales first for an adapter made with
+    scale 1). Mismatches raise ``KeyError``/``ValueError`` naming the layer."""
+    layers = {n: m for n, m in tuner_layers(model) if adapter in getattr(m, "lora_A", {})}
+    if set(layers) != set(factors):
+        extra, missing = sorted(set(factors) - set(layers)), sorted(set(layers) - set(factors))
+        raise KeyError(f"adapter {adapter!r}: factors for {extra[:3]} ({len(extra)}) have no layer, layers "
+                       f"{missing[:3]} ({len(missing)}) have no factors; inject the adapter for these layers first")
+    with torch.no_grad():
+        for path, f in factors.items():
+            a, b = layers[path].lora_A[adapter].weight, layers[path].lora_B[adapter].weight
+            if a.shape != f.down.shape or b.shape != f.up.shape:
+                raise ValueError(f"adapter {adapter!r} layer {path!r}: has A {tuple(a.shape)}, B {tuple(b.shape)}, "
+                                 f"got down {tuple(f.down.shape)}, up {tuple(f.up.shape)}; re-inject for a new rank")
+            scaling = float(layers[path].scaling[adapter])
+            if abs(scaling - f.scale) > 1e-12 * max(1.0, abs(f.scale)):
+                raise ValueError(f"adapter {adapter!r} layer {path!r}: scaling {scaling} != factor scale {f.scale}")
+            a.copy_(f.down)
+            b.copy_(f.up)
