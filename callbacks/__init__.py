@@ -11,5 +11,5 @@ from ctrlgen.callbacks.rng import RNGStateCallback
 from ctrlgen.callbacks.throughput import ThroughputCallback
 from ctrlgen.callbacks.wandb_config import WandbSaveConfig
 
-__all__ = ["DataHealthCallback", "EMA", "HPCCheckpointPrune", "ImageGridLogger", "PredictionWriter", "RNGStateCallback",
+__all__ = ["EMA", "DataHealthCallback", "HPCCheckpointPrune", "ImageGridLogger", "PredictionWriter", "RNGStateCallback",
            "RunCheckpoint", "SafeRequeue", "TestResultsWriter", "ThroughputCallback", "WandbSaveConfig", "make_grid"]

@@ -36,9 +36,9 @@ Gradient accumulation (``accumulate_grad_batches: k``): an iteration is k consec
 ``iteration_generator`` depend on the iteration only, so all k micro-batches of an iteration make the same choices;
 each update's loss is scaled by 1/k and its gradient accumulates until the k-th micro-batch, where every optimizer whose
 turn it is steps once. Under DDP the backward of the first k-1 micro-batches runs in ``strategy.block_backward_sync()``
-(DDP ``no_sync``: no gradient all-reduce). k × batch b then equals one batch of k·b for batch-mean losses, except that a
-later update sees an earlier one's new weights only on the last micro-batch: compute what several updates share (the
-generator's output) before the first ``update`` of ``train_iteration``. Lightning's ``trainer.accumulate_grad_batches``
+(DDP ``no_sync``: no gradient all-reduce). k × batch b then equals one batch of k·b for batch-mean losses, except
+that a later update sees an earlier one's new weights only on the last micro-batch: compute what several updates share
+(the generator's output) before the first ``update`` of ``train_iteration``. Lightning's ``trainer.accumulate_grad_batches``
 does not apply to manual optimisation and is refused (pointing here). Training epochs (and an int
 ``val_check_interval``) must be multiples of k batches, so no validation or epoch-end checkpoint falls inside an
 iteration (checked at train start).
@@ -336,9 +336,10 @@ class ManualOptimModule(BaseGenModule):
     def on_train_start(self) -> None:
         super().on_train_start()
         cls, trainer, k = type(self).__name__, self.trainer, self.accumulate_grad_batches
-        for what, n, fix in (("an epoch", trainer.num_training_batches, "limit_train_batches or the datamodule's "
-                              "batches per epoch"), ("trainer.val_check_interval", trainer.val_check_batch,
-                                                     "trainer.val_check_interval")):
+        checks = [("an epoch", trainer.num_training_batches, "limit_train_batches or the datamodule's epoch")]
+        if trainer.enable_validation:
+            checks.append(("trainer.val_check_interval", trainer.val_check_batch, "trainer.val_check_interval"))
+        for what, n, fix in checks:
             if k > 1 and isinstance(n, int) and n % k:
                 raise ValueError(f"{cls}: {what} of {n} training batches is not a multiple of "
                                  f"model.init_args.accumulate_grad_batches={k}: an iteration would straddle it; set "

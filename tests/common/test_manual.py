@@ -321,11 +321,12 @@ def _exact_fit(root, iterations: int, batch_size: int = 8, k: int = 1, n: int = 
 
     opts = {"generator": lambda p: torch.optim.Adam(p, lr=1e-2),
             "critic": lambda p: torch.optim.SGD(p, lr=5e-2, momentum=0.9)}
-    m = module or ExactGANModule(optimizers=opts, schedulers={"critic": lambda o: torch.optim.lr_scheduler.StepLR(o, 2)},
+    step_lr = {"critic": lambda o: torch.optim.lr_scheduler.StepLR(o, 2)}
+    m = module or ExactGANModule(optimizers=opts, schedulers=step_lr,
                                  update_every={"generator": 2}, clip_norm={"critic": 0.05}, max_iterations=iterations,
                                  accumulate_grad_batches=k, **kwargs)
-    val = dict(val_check_interval=val_every * k, check_val_every_n_epoch=None, limit_val_batches=1) if val_every else \
-        dict(limit_val_batches=0)
+    val = ({"val_check_interval": val_every * k, "check_val_every_n_epoch": None, "limit_val_batches": 1} if val_every
+           else {"limit_val_batches": 0})
     trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=-1, max_epochs=100,
                         logger=CSVLogger(root, name="csv"), log_every_n_steps=1, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=bool(callbacks) or ckpt_path is not None,
@@ -355,7 +356,8 @@ def test_two_half_batches_accumulated_equal_one_full_batch(tmp_path):
     for name in ("generator", "critic"):
         sf, sa = full.optimizer(name).state_dict()["state"], acc.optimizer(name).state_dict()["state"]
         for i in sf:
-            assert all(torch.allclose(sf[i][k], sa[i][k], atol=1e-12, rtol=0) for k in sf[i] if torch.is_tensor(sf[i][k]))
+            for key, v in sf[i].items():
+                assert torch.allclose(v, sa[i][key], atol=1e-12, rtol=0), (name, i, key)
     rows_full, rows_acc = _update_rows(tmp_path / "full"), _update_rows(tmp_path / "acc")
     assert [r["step"] for r in rows_full] == ["0", "1", "2", "3"]  # the logger's x-axis counts batches
     assert [r["step"] for r in rows_acc] == ["1", "3", "5", "7"]   # logged on each iteration's last micro-batch
@@ -437,3 +439,33 @@ def test_accumulation_blocks_ddp_gradient_sync_on_early_micro_batches(tmp_path):
     # iteration 0: G and C on both micro-batches; iteration 1: C only
     assert synced == [(0, False), (0, False), (1, True), (1, True), (0, False), (1, True)]
     assert m.iteration == 2
+
+
+def test_resume_with_accumulation_and_ema_reproduces_uninterrupted_run(shapes_shards, tmp_path):
+    """accumulate_grad_batches=2 + EMA of the generator: 6 iterations straight == 3 + resume from last.ckpt + 3, for
+    the weights, the average (its update count too) and the optimizer states; the stop falls mid-epoch."""
+    from ctrlgen.callbacks import EMA
+
+    common = ("--model.init_args.accumulate_grad_batches=2", "--trainer.val_check_interval=2",
+              "--trainer.callbacks+=ctrlgen.callbacks.EMA", "--trainer.callbacks.optimizer=generator",
+              "--trainer.callbacks.targets=[generator]", "--trainer.callbacks.decay=0.9",
+              "--trainer.callbacks.use_ema_for_eval=true")
+    straight = _fit(shapes_shards, tmp_path / "a", "--model.init_args.max_iterations=6", *common)
+    half = _fit(shapes_shards, tmp_path / "b", "--model.init_args.max_iterations=3", *common)
+    resumed = _fit(shapes_shards, tmp_path / "b", "--model.init_args.max_iterations=6", "--ckpt_path=last", *common)
+    assert half.model.iteration == 3 and resumed.model.iteration == straight.model.iteration == 6
+    assert half.trainer.fit_loop.total_batch_idx + 1 == 6
+    assert resumed.trainer.global_step == straight.trainer.global_step == 9  # G at 0, 2, 4 + C at 0..5
+    assert_same_state(straight.model.state_dict(), resumed.model.state_dict())
+    ema_a, ema_b, ema_h = (next(c for c in cli.trainer.callbacks if isinstance(c, EMA)) for cli in (straight, resumed,
+                                                                                                     half))
+    assert ema_a.num_updates == ema_b.num_updates == 3 and ema_h.num_updates == 2
+    assert set(ema_a.shadow) == {f"generator.{n}" for n, _ in straight.model.generator.named_parameters()}
+    assert_same_state(ema_a.shadow, ema_b.shadow)
+    assert not torch.allclose(ema_a.shadow["generator.0.weight"], straight.model.generator[0].weight, atol=1e-6)
+    for name in ("generator", "critic"):
+        sa_opt = straight.model.optimizer(name).state_dict()["state"]
+        sb_opt = resumed.model.optimizer(name).state_dict()["state"]
+        for i in sa_opt:
+            assert torch.allclose(sa_opt[i]["exp_avg_sq"], sb_opt[i]["exp_avg_sq"], atol=1e-9, rtol=0)
+    assert straight.model.seen_levels[6:] == resumed.model.seen_levels  # 2 micro-batches per iteration
