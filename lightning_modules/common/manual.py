@@ -225,7 +225,9 @@ class ManualOptimModule(BaseGenModule):
     def update(self, name: str, loss: Callable[[], torch.Tensor] | torch.Tensor,
                clip_norm: float | None = None) -> torch.Tensor:
         """Backward of ``loss`` (a closure, evaluated with the other optimizers toggled off) / k for optimizer
-        ``name``; on the iteration's last micro-batch also clip, step, zero_grad and schedule (module docstring)."""
+        ``name``; on the iteration's last micro-batch also clip, step, zero_grad and schedule (module docstring).
+        With accumulation, call it once per optimizer and micro-batch (several calls on the last one would step
+        several times, the later ones on their own gradient only)."""
         opt, k = self.optimizer(name), self.accumulate_grad_batches
         strategy = self.trainer.strategy
         no_sync = self.accumulating and isinstance(strategy, ParallelStrategy)
@@ -276,9 +278,10 @@ class ManualOptimModule(BaseGenModule):
         for key, v in metrics.items():
             self.log(key, v, on_step=True, on_epoch=False, prog_bar=key.endswith("/loss"), logger=False)
         trainer = self.trainer
-        step = self.iteration * self.accumulate_grad_batches - 1  # this batch's index in the run
-        every = trainer.log_every_n_steps
-        due = trainer.fast_dev_run or trainer.should_stop or (every > 0 and (step + 1) % every == 0)
+        k = self.accumulate_grad_batches
+        step = self.iteration * k - 1  # this batch's index in the run
+        every = trainer.log_every_n_steps  # due when this iteration's k batches reach a multiple of it
+        due = trainer.fast_dev_run or trainer.should_stop or (every > 0 and (step + 1) // every > (step + 1 - k) // every)
         if metrics and due and trainer.loggers:
             scalars = {k: float(v) for k, v in metrics.items()}
             for logger in trainer.loggers:
@@ -311,7 +314,7 @@ class ManualOptimModule(BaseGenModule):
     def configure_callbacks(self) -> Any:
         """Adds no callbacks; refuses ``trainer.accumulate_grad_batches > 1`` here, the first hook of ``fit``, so the
         message names this module's own knob (Lightning refuses it right after, with its own message)."""
-        if self._trainer is not None and self.trainer.state.fn == "fit":
+        if self.trainer.state.fn == "fit":
             self._refuse_lightning_accumulation()
         return super().configure_callbacks()
 
