@@ -228,18 +228,27 @@ class SafeRequeue(Callback):
         rank_zero_info(f"SafeRequeue: signal {self._signum} -> hpc checkpoint at the next step boundary, then "
                        "`scontrol requeue`")
 
-    def _accumulating(self, trainer: L.Trainer) -> bool:
-        try:
-            return bool(trainer.fit_loop._should_accumulate())
-        except Exception:  # noqa: BLE001 - private API; no accumulation info means a step boundary
-            return False
+    @staticmethod
+    def _accumulating(trainer: L.Trainer, pl_module: L.LightningModule, batch_idx: int) -> bool:
+        """Whether this batch is inside an accumulation (no optimizer step at its end): the module's own accumulation
+        (``ManualOptimModule.accumulating``), else Lightning's (every ``accumulate_grad_batches``-th batch and the
+        epoch's last one step)."""
+        own = getattr(pl_module, "accumulating", None)
+        if isinstance(own, bool):
+            return own
+        k = int(trainer.accumulate_grad_batches or 1)
+        return (batch_idx + 1) % k != 0 and batch_idx + 1 != trainer.num_training_batches
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
-        if not self.armed or self._done or trainer.global_step % self.every_n_steps or self._accumulating(trainer):
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if (not self.armed or self._done or trainer.global_step % self.every_n_steps
+                or self._accumulating(trainer, pl_module, batch_idx)):
             return
         if not trainer.strategy.reduce_boolean_decision(self._requested, all=False):  # any rank signalled
             return
         self._done = True
+        # private, no public equivalent in lightning 2.6.6: the next hpc_ckpt_<n>.ckpt, named as Lightning's own
+        # `ckpt_path="hpc"` resume and its SIGUSR1 handler expect
         path = trainer.strategy.broadcast(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
         rank_zero_info(f"SafeRequeue: requeue signal received; saving {path} at global step {trainer.global_step}")
         trainer.save_checkpoint(path)  # every rank, at the same point (a collective for sharded strategies)

@@ -117,7 +117,7 @@ def test_logs_per_optimizer_loss_lr_and_overall_val_loss(run):
 
 def test_update_logs_only_on_their_turns(run):
     """Lightning re-sends an on_step key's last value at every later step of the epoch; the generator sits out odd
-    iterations, so its loss/lr/grad_norm must not appear there (ManualOptimModule._drop_stale_update_logs)."""
+    iterations, so its loss/lr/grad_norm must not appear there (ManualOptimModule._log_updates)."""
     rows = [r for r in _rows(run[1]) if r.get("train/critic/loss")]  # one row per iteration
     assert [r["step"] for r in rows] == ["0", "1", "2", "3"]
     for key in ("loss", "lr", "grad_norm"):

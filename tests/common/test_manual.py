@@ -16,7 +16,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from ctrlgen.lightning_modules.cli import CtrlgenCLI
 from ctrlgen.lightning_modules.common.manual import ManualOptimModule
 from tests.conftest import assert_same_state
-from tests.helpers.tiny_gan import TinyGANModule
+from tests.helpers.tiny_gan import ExactGANModule, TinyGANModule, exact_gan_data
 
 CONFIG = "tests/configs/tiny_gan.yaml"
 G_PARAMS = {f"generator.{n}" for n, _ in TinyGANModule().generator.named_parameters()}
@@ -270,6 +270,8 @@ def test_gradient_accumulation_refused_at_fit_start(shapes_shards, tmp_path):
     with pytest.raises(MisconfigurationException, match="gradient accumulation is not supported for manual optim"):
         _fit(shapes_shards, tmp_path, "--trainer.accumulate_grad_batches=2")
     assert not (tmp_path / "checkpoints").exists()
+    with pytest.raises(MisconfigurationException, match="set model.init_args.accumulate_grad_batches: 2"):
+        _fit(shapes_shards, tmp_path, "--trainer.accumulate_grad_batches=2")  # the message names the module's knob
 
 
 def test_own_accumulation_guard():
@@ -282,18 +284,14 @@ def test_own_accumulation_guard():
         m.setup("fit")
 
 
-def test_ddp_without_find_unused_parameters_refused():
-    import lightning as L
+def test_ddp_without_find_unused_parameters_refused(tmp_path):
+    """Read from the DDP wrapper (public ``find_unused_parameters``) at fit start, before the first iteration."""
     from lightning.pytorch.strategies import DDPStrategy
 
-    m = TinyGANModule()
-    m.trainer = L.Trainer(strategy=DDPStrategy(find_unused_parameters=False), accelerator="cpu", devices=1, logger=False,
-                          enable_checkpointing=False)
     with pytest.raises(ValueError, match="needs find_unused_parameters=True"):
-        m.setup("fit")
-    m.trainer = L.Trainer(strategy=DDPStrategy(find_unused_parameters=True), accelerator="cpu", devices=1, logger=False,
-                          enable_checkpointing=False)
-    m.setup("fit")
+        _exact_fit(tmp_path / "a", iterations=1, strategy=DDPStrategy(find_unused_parameters=False))
+    m, trainer = _exact_fit(tmp_path / "b", iterations=1, strategy=DDPStrategy(find_unused_parameters=True))
+    assert m.iteration == 1 and trainer.global_step == 2
 
 
 # ------------------------------------------------------------------------------------------------------ random streams
@@ -310,3 +308,164 @@ def test_iteration_generator_is_rank_independent_and_changes_per_iteration(monke
     first = torch.rand(4, generator=b.iteration_generator())
     monkeypatch.setenv("PL_GLOBAL_SEED", "1235")  # another run seed -> another stream
     assert not torch.equal(first, torch.rand(4, generator=b.iteration_generator()))
+
+
+# ------------------------------------------------------------------------------------------------------ accumulation
+def _exact_fit(root, iterations: int, batch_size: int = 8, k: int = 1, n: int = 16, val_every: int | None = None,
+               callbacks=(), ckpt_path=None, strategy="auto", module=None, **kwargs: Any):
+    """``ExactGANModule`` fitted for ``iterations`` iterations on ``n`` fixed samples (no shuffling), generator every
+    2nd iteration, Adam + clipped SGD with a schedule; validation every ``val_every`` iterations (else none)."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader
+
+    opts = {"generator": lambda p: torch.optim.Adam(p, lr=1e-2),
+            "critic": lambda p: torch.optim.SGD(p, lr=5e-2, momentum=0.9)}
+    step_lr = {"critic": lambda o: torch.optim.lr_scheduler.StepLR(o, 2)}
+    m = module or ExactGANModule(optimizers=opts, schedulers=step_lr,
+                                 update_every={"generator": 2}, clip_norm={"critic": 0.05}, max_iterations=iterations,
+                                 accumulate_grad_batches=k, **kwargs)
+    val = ({"val_check_interval": val_every * k, "check_val_every_n_epoch": None, "limit_val_batches": 1} if val_every
+           else {"limit_val_batches": 0})
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=-1, max_epochs=100,
+                        logger=CSVLogger(root, name="csv"), log_every_n_steps=1, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=bool(callbacks) or ckpt_path is not None,
+                        default_root_dir=root, callbacks=list(callbacks), num_sanity_val_steps=0, **val)
+    data = exact_gan_data(n)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+    trainer.fit(m, train_dataloaders=loader,
+                val_dataloaders=DataLoader(data[:4], batch_size=4) if val_every else None, ckpt_path=ckpt_path)
+    return m, trainer
+
+
+def _update_rows(root) -> list[dict[str, str]]:
+    with open(next(root.rglob("metrics.csv"))) as f:
+        return [r for r in csv.DictReader(f) if r.get("train/critic/loss")]
+
+
+def test_two_half_batches_accumulated_equal_one_full_batch(tmp_path):
+    """2 × 4 samples with accumulate_grad_batches=2 == 1 × 8 samples: the same weights after 4 iterations (float64,
+    TTUR, Adam, clipped SGD with momentum and a schedule), the same optimizer steps, the same logged mean losses."""
+    full, t_full = _exact_fit(tmp_path / "full", iterations=4, batch_size=8)
+    acc, t_acc = _exact_fit(tmp_path / "acc", iterations=4, batch_size=4, k=2)
+    assert acc.iteration == full.iteration == 4 and acc.micro_batch == 0
+    assert t_acc.global_step == t_full.global_step == 6  # G at 0, 2 + C at 0..3: steps on the 2nd micro-batch only
+    assert len(acc.generator_after_step) == len(full.generator_after_step) == 2
+    assert_same_state(full.state_dict(), acc.state_dict(), atol=1e-12)
+    assert acc.scheduler("critic").last_epoch == full.scheduler("critic").last_epoch == 4
+    for name in ("generator", "critic"):
+        sf, sa = full.optimizer(name).state_dict()["state"], acc.optimizer(name).state_dict()["state"]
+        for i in sf:
+            for key, v in sf[i].items():
+                assert torch.allclose(v, sa[i][key], atol=1e-12, rtol=0), (name, i, key)
+    rows_full, rows_acc = _update_rows(tmp_path / "full"), _update_rows(tmp_path / "acc")
+    assert [r["step"] for r in rows_full] == ["0", "1", "2", "3"]  # the logger's x-axis counts batches
+    assert [r["step"] for r in rows_acc] == ["1", "3", "5", "7"]   # logged on each iteration's last micro-batch
+    for key in ("train/critic/loss", "train/critic/grad_norm", "train/generator/loss"):
+        f = [float(r[key]) for r in rows_full if r.get(key)]
+        a = [float(r[key]) for r in rows_acc if r.get(key)]
+        assert len(f) == len(a) == (2 if "generator" in key else 4) and a == pytest.approx(f, rel=1e-10), key
+    assert min(float(r["train/critic/grad_norm"]) for r in rows_full) > 0.05  # the clip was active
+    # the comparison can fail: stepping on every half batch (no accumulation) gives other weights
+    plain, _ = _exact_fit(tmp_path / "plain", iterations=8, batch_size=4)
+    assert not torch.allclose(plain.generator[0].weight, full.generator[0].weight, atol=1e-6)
+
+
+def test_accumulation_steps_only_on_the_last_micro_batch(tmp_path):
+    """Within an iteration of k=3: turns and the rank-identical generator agree across micro-batches, gradients
+    accumulate (no step, no zero_grad) until the 3rd, which steps each optimizer once and leaves no gradient."""
+    seen: list[dict[str, Any]] = []
+
+    class Probe(ExactGANModule):
+        def train_iteration(self, batch, batch_idx):
+            super().train_iteration(batch, batch_idx)
+            seen.append({"it": self.iteration, "micro": self.micro_batch, "g_turn": self.is_turn("generator"),
+                         "draw": torch.rand(1, generator=self.iteration_generator()).item(),
+                         "grads": sorted({n.split(".")[0] for n, p in self.named_parameters() if p.grad is not None})})
+
+    m, trainer = _exact_fit(tmp_path, iterations=2, batch_size=2, k=3, n=6, module=Probe(
+        update_every={"generator": 2}, max_iterations=2, accumulate_grad_batches=3))
+    assert [(s["it"], s["micro"]) for s in seen] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert [s["g_turn"] for s in seen] == [True] * 3 + [False] * 3
+    assert seen[0]["draw"] == seen[1]["draw"] == seen[2]["draw"] != seen[3]["draw"]
+    assert [s["grads"] for s in seen] == [["critic", "generator"]] * 2 + [[]] + [["critic"]] * 2 + [[]]
+    assert m.iteration == 2 and trainer.global_step == 3 and len(m.generator_after_step) == 1
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_max_iterations_and_validation_interval_count_iterations(tmp_path, k):
+    """Two optimizers, max_iterations=5, validation every 2 iterations (val_check_interval = 2 × k batches): exactly 5
+    iterations (5 × k batches), validation after iterations 2 and 4 and once more at the stop (Lightning validates
+    when should_stop is set); global_step counts optimizer steps (G at 0, 2, 4 + C at 0..4)."""
+    m, trainer = _exact_fit(tmp_path, iterations=5, batch_size=8 // k, k=k, n=40, val_every=2)
+    assert m.iteration == 5 and trainer.global_step == 3 + 5
+    assert trainer.fit_loop.total_batch_idx + 1 == 5 * k
+    assert [it for it, _ in m.validated] == [2, 4, 5]
+
+
+def test_accumulation_refuses_epochs_and_val_intervals_it_would_straddle(tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    with pytest.raises(ValueError, match=r"an epoch of 3 training batches is not a multiple of model.init_args."
+                                         r"accumulate_grad_batches=2.*limit_train_batches"):
+        _exact_fit(tmp_path / "a", iterations=2, batch_size=4, k=2, n=12)
+    data = exact_gan_data(16)
+    trainer = L.Trainer(accelerator="cpu", max_steps=-1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        val_check_interval=3, check_val_every_n_epoch=None, enable_progress_bar=False,
+                        num_sanity_val_steps=0)
+    with pytest.raises(ValueError, match=r"trainer.val_check_interval of 3 training batches is not a multiple"):
+        trainer.fit(ExactGANModule(max_iterations=2, accumulate_grad_batches=2), DataLoader(data, batch_size=2),
+                    DataLoader(data[:2], batch_size=2))
+    with pytest.raises(ValueError, match="accumulate_grad_batches must be an integer >= 1"):
+        ExactGANModule(accumulate_grad_batches=0)
+
+
+def test_accumulation_blocks_ddp_gradient_sync_on_early_micro_batches(tmp_path):
+    """Under DDP (1 process, gloo) the first k-1 micro-batches' backward runs in strategy.block_backward_sync()
+    (DDP no_sync: require_backward_grad_sync False), the k-th syncs."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    synced: list[tuple[int, bool]] = []
+
+    class Probe(ExactGANModule):
+        def manual_backward(self, loss, *args, **kwargs):
+            synced.append((self.micro_batch, self.trainer.strategy.model.require_backward_grad_sync))
+            return super().manual_backward(loss, *args, **kwargs)
+
+    m, _ = _exact_fit(tmp_path, iterations=2, batch_size=4, k=2, strategy=DDPStrategy(
+        find_unused_parameters=True, process_group_backend="gloo"), module=Probe(
+        update_every={"generator": 2}, max_iterations=2, accumulate_grad_batches=2))
+    # iteration 0: G and C on both micro-batches; iteration 1: C only
+    assert synced == [(0, False), (0, False), (1, True), (1, True), (0, False), (1, True)]
+    assert m.iteration == 2
+
+
+def test_resume_with_accumulation_and_ema_reproduces_uninterrupted_run(shapes_shards, tmp_path):
+    """accumulate_grad_batches=2 + EMA of the generator: 6 iterations straight == 3 + resume from last.ckpt + 3, for
+    the weights, the average (its update count too) and the optimizer states; the stop falls mid-epoch."""
+    from ctrlgen.callbacks import EMA
+
+    common = ("--model.init_args.accumulate_grad_batches=2", "--trainer.val_check_interval=2",
+              "--trainer.callbacks+=ctrlgen.callbacks.EMA", "--trainer.callbacks.optimizer=generator",
+              "--trainer.callbacks.targets=[generator]", "--trainer.callbacks.decay=0.9",
+              "--trainer.callbacks.use_ema_for_eval=true")
+    straight = _fit(shapes_shards, tmp_path / "a", "--model.init_args.max_iterations=6", *common)
+    half = _fit(shapes_shards, tmp_path / "b", "--model.init_args.max_iterations=3", *common)
+    resumed = _fit(shapes_shards, tmp_path / "b", "--model.init_args.max_iterations=6", "--ckpt_path=last", *common)
+    assert half.model.iteration == 3 and resumed.model.iteration == straight.model.iteration == 6
+    assert half.trainer.fit_loop.total_batch_idx + 1 == 6
+    assert resumed.trainer.global_step == straight.trainer.global_step == 9  # G at 0, 2, 4 + C at 0..5
+    assert_same_state(straight.model.state_dict(), resumed.model.state_dict())
+    ema_a, ema_b, ema_h = (next(c for c in cli.trainer.callbacks if isinstance(c, EMA)) for cli in (straight, resumed,
+                                                                                                     half))
+    assert ema_a.num_updates == ema_b.num_updates == 3 and ema_h.num_updates == 2
+    assert set(ema_a.shadow) == {f"generator.{n}" for n, _ in straight.model.generator.named_parameters()}
+    assert_same_state(ema_a.shadow, ema_b.shadow)
+    assert not torch.allclose(ema_a.shadow["generator.0.weight"], straight.model.generator[0].weight, atol=1e-6)
+    for name in ("generator", "critic"):
+        sa_opt = straight.model.optimizer(name).state_dict()["state"]
+        sb_opt = resumed.model.optimizer(name).state_dict()["state"]
+        for i in sa_opt:
+            assert torch.allclose(sa_opt[i]["exp_avg_sq"], sb_opt[i]["exp_avg_sq"], atol=1e-9, rtol=0)
+    assert straight.model.seen_levels[6:] == resumed.model.seen_levels  # 2 micro-batches per iteration

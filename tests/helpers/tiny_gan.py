@@ -70,3 +70,59 @@ class TinyGANModule(ManualOptimModule):
     @torch.no_grad()
     def sample_images(self, batch: dict[str, Any], n: int) -> dict[str, torch.Tensor]:
         return {"samples": self.generator(self.latents(n)).add(1).div(2)}
+
+
+class ExactGANModule(ManualOptimModule):
+    """A deterministic float64 GAN (latents come with the batch; no dropout, no noise): k accumulated micro-batches
+    of b samples must give the same weights as one batch of k·b. ``frozen`` is a frozen base kept out of checkpoints
+    (``frozen_prefixes``). Records the generator's weights after each of its steps and the iteration of every
+    validation batch together with the generator weights it ran on."""
+
+    frozen_prefixes = ("frozen.",)
+
+    def __init__(self, z_dim: int = 3, x_dim: int = 4, hidden: int = 8, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.save_hyperparameters(ignore=["optimizers", "schedulers"])
+        gen = torch.Generator().manual_seed(0)
+        self.generator = nn.Sequential(nn.Linear(z_dim, hidden), nn.Tanh(), nn.Linear(hidden, x_dim)).double()
+        self.frozen = nn.Linear(x_dim, x_dim).double().requires_grad_(False)
+        self.critic = nn.Sequential(nn.Linear(x_dim, hidden), nn.Tanh(), nn.Linear(hidden, 1)).double()
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+        self.generator_after_step: list[dict[str, torch.Tensor]] = []
+        self.validated: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    def optimizer_params(self) -> dict[str, Any]:
+        return {"generator": self.generator, "critic": self.critic}
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        return self.critic(self.frozen(x)).squeeze(1)
+
+    def update(self, name: str, loss: Any, clip_norm: float | None = None) -> torch.Tensor:
+        out = super().update(name, loss, clip_norm)
+        if name == "generator" and not self.accumulating:
+            self.generator_after_step.append({n: p.detach().clone() for n, p in self.generator.named_parameters()})
+        return out
+
+    def train_iteration(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        fake = self.generator(batch["z"])  # shared by both updates: computed before the first one
+        if self.is_turn("generator"):
+            self.update("generator", lambda: F.softplus(-self.score(fake)).mean())
+        if self.is_turn("critic"):
+            self.update("critic", lambda: F.softplus(self.score(fake.detach())).mean()
+                        + F.softplus(-self.score(batch["x"])).mean())
+
+    def model_step(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
+        if stage == "val" and not self.trainer.sanity_checking:
+            self.validated.append((self.iteration, {n: p.detach().clone()
+                                                    for n, p in self.generator.named_parameters()}))
+        return {"loss": F.softplus(-self.score(self.generator(batch["z"]))).mean()}
+
+
+def exact_gan_data(n: int, z_dim: int = 3, x_dim: int = 4) -> list[dict[str, torch.Tensor]]:
+    """``n`` fixed float64 samples ``{"z", "x"}`` for ``ExactGANModule`` (a list: a map-style dataset)."""
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(n, z_dim, generator=gen, dtype=torch.float64)
+    x = torch.randn(n, x_dim, generator=gen, dtype=torch.float64) + 1.0
+    return [{"z": z[i], "x": x[i]} for i in range(n)]
