@@ -15,12 +15,12 @@ data:
 ```
 
 **Streams.** Each stream is exactly a ``BaseWdsDataModule`` training stream (resampled shards, shuffle buffer, decode,
-batch; ``ctrlgen.datamodules.base.ShardStream``) with its own shards, batch size and decoding, seeded with
-``(seed, stream name)``: its batches depend on ``(seed, name, rank, worker, epoch)`` only, so adding a stream never changes another one. All
-streams are read in the same worker processes and zipped there, so every training batch holds one batch of each stream
-and every rank gets ``train_batches_per_epoch`` of them. Resume is the base bookkeeping (``ResumableDataModule``): N
-straight batches == N/2, checkpoint, resume, N/2 for every stream. Skips of all streams are counted by ``SKIPS`` and
-carried as one top-level ``_data_health`` (the per-stream ones are removed).
+batch; ``ctrlgen.datamodules.base.ShardStream``) with its own shards, batch size and decoding, seeded with ``(seed,
+stream name)``: its batches depend on ``(seed, name, rank, worker, epoch)`` only, so adding a stream never changes
+another one. All streams are read in the same worker processes and zipped there, so every training batch holds one batch
+of each stream and every rank gets ``train_batches_per_epoch`` of them. Resume is the base bookkeeping
+(``ResumableDataModule``): N straight batches == N/2, checkpoint, resume, N/2 for every stream. Skips of all streams are
+counted by ``SKIPS`` and carried as one top-level ``_data_health`` (the per-stream ones are removed).
 
 **Mixing.** With ``mix: {a: p_a, b: p_b}`` (weights are normalised), every sample slot of a mixed batch picks its source
 with probability p from ``random.Random(seed("mix", seed, rank, worker, epoch))`` and takes that source's next item;

@@ -96,7 +96,7 @@ FAKE_CTRLGEN = """#!/bin/bash
 # stands in for the ctrlgen console script: two "methods" whose demos copy a prepared summary.json
 if [ "$1 $2" = "demo list" ]; then echo "good bad"; exit 0; fi
 if [ "$1 $2" = "demo table" ]; then shift 2; exec "{py}" -c \\
-  "import sys; from ctrlgen.lightning_modules.apps.claims import table_main; sys.exit(table_main(sys.argv[1:]))" "$@"; fi
+  "import sys; from ctrlgen.lightning_modules.apps.claims import table_main as t; sys.exit(t(sys.argv[1:]))" "$@"; fi
 [ "$1 $3" = "demo --out" ] || exit 9
 mkdir -p "$4" && cp "{fixtures}/$2.json" "$4/summary.json"
 """
@@ -123,7 +123,7 @@ def test_make_demo_runs_every_method_and_fails_on_an_unmet_claim(tmp_path):
     r = make()
     assert r.returncode != 0, r.stdout + r.stderr
     assert "margin" in r.stdout and "ratio" in r.stdout and "1 of 2 claims NOT met" in r.stdout, r.stdout + r.stderr
-    assert (tmp_path / "runs" / "good" / "summary.json").exists() and (tmp_path / "runs" / "bad" / "summary.json").exists()
+    assert all((tmp_path / "runs" / m / "summary.json").exists() for m in ("good", "bad"))
     r = make("METHOD=good")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all 1 claims met" in r.stdout and "ratio" not in r.stdout

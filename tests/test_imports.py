@@ -143,8 +143,8 @@ def test_graph_reader_sees_relative_function_level_and_bare_imports(tmp_path):
     assert graph["ctrlgen.lightning_modules.ecm.var"] == {"ctrlgen.lightning_modules.ecm.layers"}
     assert graph["ctrlgen.lightning_modules.ecm.layers"] == {"ctrlgen.lightning_modules.ecm.var"}
     assert find_cycles(graph) == [["ctrlgen.lightning_modules.ecm.layers", "ctrlgen.lightning_modules.ecm.var"]]
-    assert upward_imports(graph) == ["shared ctrlgen.lightning_modules.common.base imports "
-                                     "ctrlgen.lightning_modules.ecm.var"]
+    assert upward_imports(graph) == [
+        "shared ctrlgen.lightning_modules.common.base imports ctrlgen.lightning_modules.ecm.var"]
     assert bare == ["lightning_modules/common/base.py:2: datamodules.base"]
 
 

@@ -6,9 +6,9 @@
     ctrlgen demo list                                     the implemented methods, one line (what ``make demo`` runs)
 
 Every demo follows the contract of :mod:`ctrlgen.lightning_modules.apps.claims`: it writes ``DIR/summary.json`` with a
-``claims`` list next to its detailed results; ``ctrlgen demo <method>`` prints them after the run. A demo run exits 0 when it completed, whether or
-not its claims are met; ``ctrlgen demo table`` (the last step of ``make demo``) sets the exit code from the claims.
-A demo module provides ``add_arguments(parser)`` and ``run(args, parser)``.
+``claims`` list next to its detailed results; ``ctrlgen demo <method>`` prints them after the run. A demo run exits 0
+when it completed, whether or not its claims are met; ``ctrlgen demo table`` (the last step of ``make demo``) sets the
+exit code from the claims. A demo module provides ``add_arguments(parser)`` and ``run(args, parser)``.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from ctrlgen.configs import CONFIG_DIR
 from ctrlgen.lightning_modules.apps.claims import Claim, claim, claims_table, write_summary
-from ctrlgen.lightning_modules.apps.stages import (  # noqa: F401 - StepTimer: the timer the stages add
+from ctrlgen.lightning_modules.apps.stages import (  # StepTimer: re-exported, the timer the stages add
     STEP_TIMER,
     StepTimer,
     demo_threads,
@@ -101,8 +101,8 @@ def run_demo(out: Path, fast: bool = False, steps: dict[str, int] | None = None,
              parallel: bool = True) -> dict[str, Any]:
     """Run every stage into ``out``; returns the summary (also in ``out/summary.json``, with the claims).
 
-    Every process uses ``demo_threads()`` intra-op threads. With ``parallel`` the full-fine-tune branch (fit + test) runs
-    in a second process while this one runs the ECM branch; its console output goes to ``out/fullft.log``."""
+    Every process uses ``demo_threads()`` intra-op threads. With ``parallel`` the full-fine-tune branch (fit + test)
+    runs in a second process while this one runs the ECM branch; its console output goes to ``out/fullft.log``."""
     import torch
 
     from ctrlgen.datamodules.synth import synth

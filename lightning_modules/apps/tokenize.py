@@ -1,13 +1,14 @@
 """``ctrlgen data tokenize``: add pre-computed VQ codes (``vq.npy``) to image shards (ecm.md §5, platform.md §3).
 
 Every sample of the input shards is resized (shorter side → ``mid_reso`` × the VQVAE's ``image_size``; VAR's 1.125 by
-default, the crop ``ECMDataModule`` evaluates on) and centre-cropped with :func:`ctrlgen.datamodules.images.resize_crop`,
-the function the ECM loader uses, applied to the image **and** every image-typed key (``canny.png``, ``depth.png``,
-``normal.png``, …) alike, so condition maps and codes describe the same crop. The crop is re-encoded (JPEG stays JPEG at
-``jpeg_quality``, condition maps stay lossless PNG, 16-bit PNGs stay 16-bit) and the codes are computed from the
-**decoded re-encoded** image, i.e. from exactly the pixels ``ECMDataModule(pretokenized=True)`` will see. With
-``mid_reso`` 1, samples already at the right size keep their original bytes untouched. ``vq.npy`` holds the L codes in VAR
-order (scale 0 first), uint16 (int32 if the vocabulary exceeds 65,536). All other keys are copied byte for byte.
+default, the crop ``ECMDataModule`` evaluates on) and centre-cropped with
+:func:`ctrlgen.datamodules.images.resize_crop`, the function the ECM loader uses, applied to the image **and** every
+image-typed key (``canny.png``, ``depth.png``, ``normal.png``, …) alike, so condition maps and codes describe the same
+crop. The crop is re-encoded (JPEG stays JPEG at ``jpeg_quality``, condition maps stay lossless PNG, 16-bit PNGs stay
+16-bit) and the codes are computed from the **decoded re-encoded** image, i.e. from exactly the pixels
+``ECMDataModule(pretokenized=True)`` will see. With ``mid_reso`` 1, samples already at the right size keep their
+original bytes untouched. ``vq.npy`` holds the L codes in VAR order (scale 0 first), uint16 (int32 if the vocabulary
+exceeds 65,536). All other keys are copied byte for byte.
 
 ``crops_per_image`` N > 1 (ecm.md §5's knob) also stores N − 1 random crops of the same resized image (VAR's
 training crop), each with its maps and codes under the prefix ``c<j>.`` (``c1.jpg``, ``c1.canny.png``, ``c1.vq.npy``;
