@@ -19,8 +19,19 @@ $(BIN)/.ready: pyproject.toml
 
 venv: $(BIN)/.ready
 
+# `make demo`: every implemented method's demo (`ctrlgen demo list`) into demo_runs/<method>, then one table of all
+# their claims (`ctrlgen demo table`); fails if a demo fails or any claim is not met. `make demo METHOD=ecm`: one.
+METHOD ?=
+DEMO_DIR ?= demo_runs
 demo: venv
-	HF_HUB_OFFLINE=1 $(BIN)/ctrlgen demo ecm --out demo_runs/ecm
+	@methods="$(METHOD)"; [ -n "$$methods" ] || methods="$$($(BIN)/ctrlgen demo list)" || exit 1; \
+	rc=0; dirs=""; \
+	for m in $$methods; do \
+	  HF_HUB_OFFLINE=1 $(BIN)/ctrlgen demo $$m --out $(DEMO_DIR)/$$m || rc=$$?; dirs="$$dirs $(DEMO_DIR)/$$m"; \
+	done; \
+	echo "== claims of every demo ($$methods) =="; \
+	$(BIN)/ctrlgen demo table $$dirs || rc=$$((rc ? rc : $$?)); \
+	exit $$rc
 
 # All tiers that can run on this machine: fast + slow (CPU DDP) + slurm (the suite brings the local single-node cluster
 # up and down, CTRLGEN_SLURM=1: the default for root with apt-get; elsewhere the tier uses a running cluster or skips

@@ -73,18 +73,18 @@ DEFAULT_PROFILE = r"var_train_\d+(c|cf)?|ecm_train_s\d+(c|cf)|sample_base_b\d+_(
 
 def _import_networks():
     """Import var/vqvae/control/sampling/scales without running ``lightning_modules/__init__.py`` (Lightning-free)."""
-    if "lightning_modules" not in sys.modules:
-        for name, path in (("lightning_modules", REPO / "lightning_modules"),
+    if "ctrlgen.lightning_modules" not in sys.modules:
+        for name, path in (("ctrlgen.lightning_modules", REPO / "lightning_modules"),
                            ("ctrlgen.lightning_modules.ecm", REPO / "lightning_modules" / "ecm")):
             pkg = types.ModuleType(name)
             pkg.__path__ = [str(path)]
             sys.modules[name] = pkg
-    from ctrlgen.lightning_modules.ecm import control, fastpath, sampling, scales, var, vqvae
+    from ctrlgen.lightning_modules.ecm import control, fastpath, samplers, sampling, scales, var, vqvae
 
-    return var, vqvae, control, sampling, scales, fastpath
+    return var, vqvae, control, sampling, scales, fastpath, samplers
 
 
-VARM, VQM, CTLM, SAMPM, SCALESM, FASTM = _import_networks()
+VARM, VQM, CTLM, SAMPM, SCALESM, FASTM, LOOPS = _import_networks()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -197,7 +197,7 @@ class Cases:
         self.diag_saved()
         self.sampling()
         self.decode()
-        self.var.clear_sampling_graphs()
+        LOOPS.clear_graphs(self.var)
         self.compiled()
         fails = self.run.failures
         self.run.say("done", f"{elapsed():.1f} s; " + (f"{len(fails)} FAILED: {', '.join(fails)}" if fails else
@@ -363,9 +363,9 @@ class Cases:
                                                          return_logits=True, decode=False, **kw)
             else:
                 tk = SAMPM.resolve_temperatures(kw.get("temperature_schedule"), self.K)
-                smp = var.static_sampler(b, self.vq, cfg=kw["cfg"], top_k=kw["top_k"], top_p=kw["top_p"],
-                                         temperatures=tk, hook=hook, sampler=kw["sampler"],
-                                         compile_kw=kw.get("sampler_compile"))
+                smp = LOOPS.static_sampler(var, b, self.vq, cfg=kw["cfg"], top_k=kw["top_k"], top_p=kw["top_p"],
+                                           temperatures=tk, hook=hook, sampler=kw["sampler"],
+                                           compile_kw=kw.get("sampler_compile"))
                 _, ids, _ = smp(lab, rng, hook)
         return ids, bytes(rng.get_state().numpy())
 

@@ -49,16 +49,18 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _seed(*parts: int | str) -> int:
+def stream_seed(*parts: int | str) -> int:
+    """A 32-bit seed that is a function of ``parts`` only (stable across processes and Python versions)."""
     return zlib.crc32(repr(parts).encode())
 
 
-def _worker() -> tuple[int, int]:
+def worker_info() -> tuple[int, int]:
+    """(DataLoader worker id, worker count); (0, 1) in the main process."""
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-class _Stream(IterableDataset):
+class ShardStream(IterableDataset):
     """Decoded, batched samples from shards. ``train=True``: endless resampled stream; else each shard once."""
 
     def __init__(self, urls: list[str], item_fn: Callable[[dict, random.Random], dict | None], batch_size: int,
@@ -107,10 +109,10 @@ class _Stream(IterableDataset):
 
     def epoch_rng(self) -> tuple[random.Random, int, int]:
         """Start the next pass: its rng (a function of seed, rank, worker and epoch), worker id and worker count."""
-        worker, nworkers = _worker()
+        worker, nworkers = worker_info()
         epoch = self.start_epoch + self._iters
         self._iters += 1
-        return random.Random(_seed(self.seed, self.rank, worker, epoch)), worker, nworkers
+        return random.Random(stream_seed(self.seed, self.rank, worker, epoch)), worker, nworkers
 
     def items(self, rng: random.Random, worker: int, nworkers: int) -> Iterator[tuple[str | None, dict]]:
         """Decoded single items with their shard URL (unbatched; corrupt samples skipped and counted)."""
@@ -169,7 +171,7 @@ class _EpochLoader:
 def make_loader(ds: IterableDataset, workers: int, *seed_parts: int | str) -> DataLoader:
     """A DataLoader of already-batched items with its own generator: creating loader iterators must not draw from the
     global RNG (resume reproducibility)."""
-    gen = torch.Generator().manual_seed(_seed(*seed_parts))
+    gen = torch.Generator().manual_seed(stream_seed(*seed_parts))
     return DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                       pin_memory=torch.cuda.is_available(), generator=gen)
 
@@ -338,8 +340,9 @@ class BaseWdsDataModule(ResumableDataModule):
         urls = self._stage_urls(stage)
         if not train:
             workers = eval_workers(urls, world, workers, f"data.{stage}_shards")
-        ds = _Stream(urls, lambda s, rng: self.to_item(s, rng, stage), batch_size, train, seed=self.seed, rank=rank,
-                     world_size=world, shuffle_buffer=self.shuffle_buffer if train else 0, start_epoch=start_epoch)
+        ds = ShardStream(urls, lambda s, rng: self.to_item(s, rng, stage), batch_size, train, seed=self.seed,
+                         rank=rank, world_size=world, shuffle_buffer=self.shuffle_buffer if train else 0,
+                         start_epoch=start_epoch)
         return make_loader(ds, workers, self.seed, rank, stage)
 
     def train_dataloader(self) -> _EpochLoader:

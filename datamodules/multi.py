@@ -15,12 +15,12 @@ data:
 ```
 
 **Streams.** Each stream is exactly a ``BaseWdsDataModule`` training stream (resampled shards, shuffle buffer, decode,
-batch; ``ctrlgen.datamodules.base._Stream``) with its own shards, batch size and decoding, seeded with ``(seed, stream name)``:
-its batches depend on ``(seed, name, rank, worker, epoch)`` only, so adding a stream never changes another one. All
-streams are read in the same worker processes and zipped there, so every training batch holds one batch of each stream
-and every rank gets ``train_batches_per_epoch`` of them. Resume is the base bookkeeping (``ResumableDataModule``): N
-straight batches == N/2, checkpoint, resume, N/2 for every stream. Skips of all streams are counted by ``SKIPS`` and
-carried as one top-level ``_data_health`` (the per-stream ones are removed).
+batch; ``ctrlgen.datamodules.base.ShardStream``) with its own shards, batch size and decoding, seeded with ``(seed,
+stream name)``: its batches depend on ``(seed, name, rank, worker, epoch)`` only, so adding a stream never changes
+another one. All streams are read in the same worker processes and zipped there, so every training batch holds one batch
+of each stream and every rank gets ``train_batches_per_epoch`` of them. Resume is the base bookkeeping
+(``ResumableDataModule``): N straight batches == N/2, checkpoint, resume, N/2 for every stream. Skips of all streams are
+counted by ``SKIPS`` and carried as one top-level ``_data_health`` (the per-stream ones are removed).
 
 **Mixing.** With ``mix: {a: p_a, b: p_b}`` (weights are normalised), every sample slot of a mixed batch picks its source
 with probability p from ``random.Random(seed("mix", seed, rank, worker, epoch))`` and takes that source's next item;
@@ -49,14 +49,14 @@ from torch.utils.data import IterableDataset
 
 from ctrlgen.datamodules.base import (
     ResumableDataModule,
-    _seed,
-    _Stream,
-    _worker,
+    ShardStream,
     collate,
     eval_workers,
     make_loader,
+    stream_seed,
+    worker_info,
 )
-from ctrlgen.datamodules.ecm import resize_crop, to_signed
+from ctrlgen.datamodules.images import resize_crop, to_signed
 from ctrlgen.datamodules.shards import SKIPS, check_required_keys, resolve_shards
 
 STREAM_FIELDS = {"train_shards", "val_shards", "test_shards", "batch_size", "eval_batch_size", "keys", "required_keys",
@@ -72,20 +72,20 @@ def _health(batch: dict) -> dict:
 class _MultiStream(IterableDataset):
     """Zips the named training streams (and the mixed one) into ``{name: batch}``; endless, cut by ``_EpochLoader``."""
 
-    def __init__(self, streams: dict[str, _Stream], sources: list[_Stream], weights: list[float], mix_name: str,
+    def __init__(self, streams: dict[str, ShardStream], sources: list[ShardStream], weights: list[float], mix_name: str,
                  mix_batch_size: int, seed: int, rank: int, start_epoch: int = 0):
         self.streams, self.sources, self.weights, self.mix_name = streams, sources, weights, mix_name
         self.mix_batch_size, self.seed, self.rank, self.start_epoch, self._iters = mix_batch_size, seed, rank, start_epoch, 0
 
     def _mixed(self, worker: int, epoch: int) -> Iterator[dict]:
-        rng = random.Random(_seed("mix", self.seed, self.rank, worker, epoch))
+        rng = random.Random(stream_seed("mix", self.seed, self.rank, worker, epoch))
         items = [src.items(*src.epoch_rng()) for src in self.sources]
         while True:
             picks = rng.choices(range(len(items)), weights=self.weights, k=self.mix_batch_size)
             yield collate([{**next(items[i])[1], "source": i} for i in picks])
 
     def __iter__(self) -> Iterator[dict]:
-        worker, _ = _worker()
+        worker, _ = worker_info()
         epoch = self.start_epoch + self._iters
         self._iters += 1
         its = {name: iter(s) for name, s in self.streams.items()}
@@ -101,7 +101,7 @@ class _MultiStream(IterableDataset):
 class _Named(IterableDataset):
     """An eval stream whose batches are wrapped as ``{name: batch}`` (same structure as training)."""
 
-    def __init__(self, stream: _Stream, name: str):
+    def __init__(self, stream: ShardStream, name: str):
         self.stream, self.name = stream, name
 
     def __iter__(self) -> Iterator[dict]:
@@ -192,13 +192,13 @@ class MultiStreamDataModule(ResumableDataModule):
             for name in (list(self.streams) if s == "train" else self._eval_names(s)):
                 self.stream_urls(name, s)  # fail before the first step
 
-    def _stream(self, name: str, stage: str, start_epoch: int = 0) -> _Stream:
+    def _stream(self, name: str, stage: str, start_epoch: int = 0) -> ShardStream:
         rank, world = self.rank_and_world
         spec, train = self.streams[name], stage == "train"
-        return _Stream(self.stream_urls(name, stage), lambda s, rng: self.to_item(name, s, rng, stage),
-                       spec["batch_size"] if train else spec["eval_batch_size"], train, seed=_seed(self.seed, name),
-                       rank=rank, world_size=world, shuffle_buffer=spec["shuffle_buffer"] if train else 0,
-                       start_epoch=start_epoch)
+        return ShardStream(self.stream_urls(name, stage), lambda s, rng: self.to_item(name, s, rng, stage),
+                           spec["batch_size"] if train else spec["eval_batch_size"], train,
+                           seed=stream_seed(self.seed, name), rank=rank, world_size=world,
+                           shuffle_buffer=spec["shuffle_buffer"] if train else 0, start_epoch=start_epoch)
 
     # ------------------------------------------------------------------------------------------------- loaders
     def train_dataloader(self):

@@ -1,123 +1,30 @@
-"""``ctrlgen``: one LightningCLI for every method, plus tool subcommands.
+"""``ctrlgen``: the one entry point. One dispatch table (:data:`COMMANDS`) for every subcommand:
 
     ctrlgen fit|validate|test|predict -c configs/<method>/<recipe>.yaml [--trainer.max_steps=...]
-    ctrlgen data synth|pack|inspect|refstats ...
-    ctrlgen demo <method>
+    ctrlgen data synth|pack|inspect|refstats|tokenize ...
+    ctrlgen demo <method>|table|list ...
 
-Subclass mode over ``BaseGenModule``/``BaseDataModule`` (full ``class_path`` in YAML), ``parser_mode="omegaconf"``,
-injected optimizer/scheduler callables, ``configs/base.yaml`` applied first (trainer, logger, callbacks), the resolved
-config saved overwrite-safe and sent to W&B. W&B runs offline automatically when no API key is configured.
+``fit|validate|test|predict`` run :class:`~ctrlgen.lightning_modules.common.lightning_cli.CtrlgenCLI`; ``data`` and
+``demo`` run the applications in ``ctrlgen.lightning_modules.apps``. The SLURM launch guard
+(:mod:`ctrlgen.lightning_modules.common.slurm`) runs twice for the Lightning subcommands: before the config is parsed
+(a multi-task job whose command was not started by ``srun`` is refused at once) and on the parsed trainer settings
+(``CtrlgenCLI.before_instantiate_classes``: tasks per node vs ``trainer.devices``, nodes vs ``trainer.num_nodes``),
+so ``ctrlgen`` / ``python -m ctrlgen.lightning_modules.cli`` is the guarded entry for job scripts.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
-from lightning.pytorch.cli import LightningCLI
-
-import ctrlgen.lightning_modules  # noqa: F401 - imports every method so checkpoints can rebuild their subclass
-from ctrlgen.callbacks.wandb_config import WandbSaveConfig
-from ctrlgen.configs import BASE_CONFIG, resolve_config
-from ctrlgen.datamodules.base import BaseDataModule
-from ctrlgen.lightning_modules.common.base import BaseGenModule
+from ctrlgen.configs import resolve_config
+from ctrlgen.lightning_modules.common.lightning_cli import (  # noqa: F401 - re-exported for callers and tests
+    SUBCOMMANDS,
+    CtrlgenCLI,
+    configure_wandb_mode,
+    wandb_has_key,
+)
 from ctrlgen.lightning_modules.common.slurm import guard_or_exit
-
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
-_wandb_said = False
-
-
-def wandb_has_key() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return "api.wandb.ai" in netrc.read_text()
-    except OSError:
-        return False
-
-
-def configure_wandb_mode() -> str:
-    """Offline when no API key is configured (said once); an explicit ``WANDB_MODE`` always wins."""
-    global _wandb_said
-    if "WANDB_MODE" not in os.environ and not wandb_has_key():
-        os.environ["WANDB_MODE"] = "offline"
-        if not _wandb_said:
-            print("ctrlgen: no W&B API key configured -> W&B runs offline; upload later with "
-                  "`wandb sync <save_dir>/wandb/offline-run-*`", file=sys.stderr)
-            _wandb_said = True
-    return os.environ.get("WANDB_MODE", "online")
-
-
-class CtrlgenCLI(LightningCLI):
-    """LightningCLI with ctrlgen's defaults (see module docstring)."""
-
-    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
-        parser_kwargs = {"parser_mode": "omegaconf"}
-        if BASE_CONFIG.exists():
-            parser_kwargs = {"parser_mode": "omegaconf", **{s: {"default_config_files": [str(BASE_CONFIG)]}
-                                                             for s in SUBCOMMANDS}}
-            if not run:  # run=False has no subcommand: the single parser takes the defaults directly
-                parser_kwargs = {"parser_mode": "omegaconf", "default_config_files": [str(BASE_CONFIG)]}
-        kwargs.setdefault("subclass_mode_model", True)
-        kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("save_config_callback", WandbSaveConfig)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", parser_kwargs)
-        super().__init__(BaseGenModule, BaseDataModule, args=args, run=run, **kwargs)
-
-    def _parse_ckpt_path(self) -> None:
-        """Lightning re-applies a checkpoint's saved hyper-parameters over the config (architecture wins). Arguments a
-        module lists in ``runtime_args`` (weights paths, sampling and evaluation knobs) are left to the config/CLI."""
-        sub = self.config.get("subcommand")
-        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return super()._parse_ckpt_path()
-        import importlib
-
-        import torch
-
-        class_path = str(self.config[sub].model.class_path)
-        mod, _, name = class_path.rpartition(".")
-        runtime = set(getattr(getattr(importlib.import_module(mod), name, None), "runtime_args", ()))
-        ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
-        hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k not in runtime}
-        hparams.pop("_instantiator", None)
-        if not hparams:
-            return None
-        if "_class_path" in hparams:
-            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
-        self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
-        return None
-
-    def before_instantiate_classes(self) -> None:
-        configure_wandb_mode()
-        cfg = self.config.get(self.subcommand) if self.subcommand else self.config
-        trainer = cfg.trainer
-        guard_or_exit(trainer)  # SLURM: no srun in a multi-task job / tasks != devices / nodes != num_nodes -> exit 2
-        root = trainer.default_root_dir or "runs/default"
-        loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
-        for lg in loggers:  # loggers without a save_dir write into the run dir
-            init = getattr(lg, "init_args", None)
-            if init is not None and "save_dir" in init and init.save_dir in (None, ".", ""):
-                init.save_dir = root
-        for cb in trainer.callbacks or []:  # checkpoints in <run dir>/checkpoints, so `--ckpt_path last` finds them
-            if str(getattr(cb, "class_path", "")).endswith(("ModelCheckpoint", "RunCheckpoint")) and cb.init_args.get("dirpath") is None:
-                cb.init_args.dirpath = str(Path(root) / "checkpoints")
-
-
-TOOLS_HELP = """
-tool subcommands:
-  ctrlgen data synth --world shapes --out DIR [--n-train N --n-val N --n-test N --size PX --seed S]
-  ctrlgen data pack --src IMAGE_DIR --out 'DIR/train-%06d.tar' [--labels labels.json --maxcount N --maxsize BYTES
-                    --shuffle-seed S (-1: sorted paths)]
-  ctrlgen data inspect 'DIR/train-{000000..000009}.tar'
-  ctrlgen data refstats --source SHARDS_OR_DIR --out stats.npz --inception /path/to/weights.pth
-  ctrlgen demo ecm [--out DIR]
-"""
 
 
 def resolve_config_args(argv: list[str]) -> list[str]:
@@ -138,20 +45,59 @@ def resolve_config_args(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    given = argv is not None
-    argv = resolve_config_args(list(sys.argv[1:] if argv is None else argv))
-    given = given or argv != sys.argv[1:]
-    if argv and argv[0] in ("data", "demo"):
-        from ctrlgen.lightning_modules import tools
+def run_lightning(argv: list[str] | None) -> None:
+    """``fit|validate|test|predict`` (and anything else LightningCLI parses): the launch guard before parsing, then
+    the CLI (``argv`` None: it reads sys.argv itself)."""
+    guard_or_exit(None)
+    CtrlgenCLI(args=argv)
 
-        tools.main(argv)
+
+def run_data(argv: list[str]) -> None:
+    from ctrlgen.lightning_modules.apps import data
+
+    data.main(argv)
+
+
+def run_demo(argv: list[str]) -> None:
+    from ctrlgen.lightning_modules.apps import demo
+
+    code = demo.main(argv)
+    if code:
+        raise SystemExit(code)
+
+
+def tools_help() -> str:
+    """The ``data``/``demo`` part of ``ctrlgen --help``: one usage line per tool, from their own parsers."""
+    import textwrap
+
+    from ctrlgen.lightning_modules.apps import data, demo
+
+    lines = [textwrap.fill(u, 118, initial_indent="  ", subsequent_indent=" " * 6, break_on_hyphens=False)
+             for u in [*data.usage_lines(), *demo.usage_lines()]]
+    return "tool subcommands:\n" + "\n".join(lines)
+
+
+# subcommand → (runner, one-line summary); the Lightning ones share one runner
+COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
+    **{s: (run_lightning, f"LightningCLI {s}") for s in SUBCOMMANDS},
+    "data": (run_data, "make, pack, inspect and tokenize WebDataset shards; reference statistics"),
+    "demo": (run_demo, "end-to-end CPU demos of the implemented methods and the table of their claims"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = resolve_config_args(raw)
+    cmd = args[0] if args else None
+    if cmd in COMMANDS and cmd not in SUBCOMMANDS:
+        COMMANDS[cmd][0](args[1:])
         return None
-    if not argv or argv[0] in ("-h", "--help"):
-        print(TOOLS_HELP.strip("\n"), file=sys.stderr)
-        if not argv:
-            argv, given = ["--help"], True
-    CtrlgenCLI(args=argv if given else None)
+    own = argv is None and args == raw  # LightningCLI reads sys.argv itself (no warning) when it was not rewritten
+    if cmd is None or cmd in ("-h", "--help"):
+        print(tools_help(), file=sys.stderr)
+        CtrlgenCLI(args=None if own and args else (args or ["--help"]))  # Lightning's help of its subcommands (exits)
+        return None
+    run_lightning(None if own else args)
     return None
 
 

@@ -19,6 +19,23 @@ def test_help_lists_subcommands_and_tools():
     for word in ("fit", "validate", "test", "predict"):
         assert word in r.stdout
     assert "ctrlgen data synth" in r.stderr and "ctrlgen demo ecm" in r.stderr
+    from ctrlgen.lightning_modules import cli
+
+    for tool in ("synth", "pack", "inspect", "refstats", "tokenize"):  # every data tool, from its own parser
+        assert f"ctrlgen data {tool} " in r.stderr, tool
+    assert "ctrlgen demo table" in r.stderr and "ctrlgen demo list" in r.stderr
+    assert set(cli.COMMANDS) == {"fit", "validate", "test", "predict", "data", "demo"}
+
+
+def test_unknown_tool_arguments_fail_with_usage():
+    from ctrlgen.lightning_modules import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "no-such-method"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        cli.main(["data", "tokenize"])  # --shards, --out and --config are required
+    assert e.value.code == 2
 
 
 def test_fit_help_shows_base_arguments():

@@ -10,15 +10,18 @@ Lightning treats a process as a SLURM rank whenever ``SLURM_NTASKS`` is set (unl
     other mismatches fail only once fit starts, after the model is built. ``--ntasks`` without ``--ntasks-per-node``
     fails at Trainer init.
 
-Three ways in (this file imports only the standard library; run as a script it answers in milliseconds):
+This file imports only the standard library and nothing of the project (a leaf: the CLI imports it, never the reverse).
+Ways in:
 
-- ``check_trainer_config(cfg.trainer)`` / ``guard_or_exit(cfg.trainer)`` from the CLI after parsing, before any class is
-  instantiated (the 2-line hook in ``lightning_modules/cli.py``, ``CtrlgenCLI.before_instantiate_classes``);
-- ``python -m ctrlgen.lightning_modules.common.slurm fit|validate|test|predict ...``: the guarded ``ctrlgen`` entry point
-  (checks (a) before the config is parsed, (b) on the parsed config), for scripts that cannot rely on the hook;
-- ``python lightning_modules/common/slurm.py preflight`` (a path, not ``-m``: skips the package imports): run by
-  ``slurm/*.sbatch`` in the batch step before ``srun``
-  (job geometry, ``srun``/``scontrol`` on PATH; ``scontrol`` is what Lightning's auto-requeue calls).
+- ``check_trainer_config(cfg.trainer)`` / ``guard_or_exit(cfg.trainer)``: the ``ctrlgen`` entry point
+  (``ctrlgen.lightning_modules.cli``) calls ``guard_or_exit(None)`` before parsing the config (check (a)) and
+  ``CtrlgenCLI.before_instantiate_classes`` calls it on the parsed trainer settings (a) + (b), before any class is
+  instantiated, so ``srun ctrlgen fit ...`` / ``srun python -m ctrlgen.lightning_modules.cli fit ...`` is guarded;
+- ``python lightning_modules/common/slurm.py preflight`` (a path, not ``-m``: skips the package imports and answers in
+  milliseconds): run by ``slurm/*.sbatch`` in the batch step before ``srun``
+  (job geometry, ``srun``/``scontrol`` on PATH; ``scontrol`` is what Lightning's auto-requeue calls);
+- ``python lightning_modules/common/slurm.py check [--devices N] [--num-nodes M]``: the same checks as the CLI on
+  given trainer settings.
 """
 
 from __future__ import annotations
@@ -202,7 +205,6 @@ def preflight(env: Mapping[str, str] | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = argv[0] if argv else ""
     if cmd == "preflight":
@@ -224,22 +226,11 @@ def main(argv: list[str] | None = None) -> None:
         a = p.parse_args(argv[1:])
         guard_or_exit({"devices": a.devices, "num_nodes": a.num_nodes})
         return None
-    # guarded `ctrlgen`: (a) before the heavy imports, (b) once the config is parsed
-    guard_or_exit(None)
-    if cmd not in ("fit", "validate", "test", "predict"):
-        from ctrlgen.lightning_modules.cli import main as cli_main
-
-        return cli_main(argv)
-    from ctrlgen.lightning_modules.cli import CtrlgenCLI
-
-    class GuardedCLI(CtrlgenCLI):
-        def before_instantiate_classes(self) -> None:
-            cfg = self.config.get(self.subcommand) if self.subcommand else self.config
-            guard_or_exit(cfg.trainer)
-            super().before_instantiate_classes()
-
-    GuardedCLI(args=None if given is None else argv)  # None: LightningCLI reads sys.argv itself (no warning)
-    return None
+    print(f"lightning_modules/common/slurm.py: unknown command {cmd!r}; it runs `preflight` "
+          "and `check [--devices N] [--num-nodes M]`. Training runs through the guarded entry point: "
+          "`srun ctrlgen fit ...` or `srun python -m ctrlgen.lightning_modules.cli fit ...` "
+          "(it runs these checks before and after parsing the config)", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":

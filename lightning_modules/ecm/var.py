@@ -5,16 +5,10 @@ Differences from the official code, by design: no global monkey-patching (Q1; ev
 :meth:`VAR.init_weights`), class dropout only in training (Q2), the VQVAE is an argument of the sampler
 rather than a hidden proxy, and an external *hook* can steer the forward (ECM adapters, §2.2).
 
-Hook contract (used by :mod:`ctrlgen.lightning_modules.ecm.control`): ``hook`` is any callable
-``hook(block_idx, h, cond_BD, attn_bias) -> h`` called after every block (``attn_bias`` is the sliced
-block-causal mask in teacher forcing, ``None`` in KV-cached sampling, where ``h`` holds only the current
-scale's rows). Optional methods are called when present (see :class:`VARHook`):
-``prepare(bg, ed) -> Tensor | None`` once per forward (bg = 0) or per sampled scale, returning an additive
-term for the input embeddings x_0 of positions [bg, ed); ``kv_caching(enable, max_len)`` around sampling.
-The static / CUDA-graph sampler (:class:`~ctrlgen.lightning_modules.ecm.fastpath.StaticCFGSampler`) also needs
-``cache_modules()`` (the hook's own :class:`~ctrlgen.lightning_modules.ecm.layers.SelfAttention` modules, with
-``cache_rows(rows)`` if they cache fewer rows than the VAR), ``static_key()``, ``static_clone()`` and
-``load_inputs_(hook)`` (see :class:`VARHook`).
+The hook protocol (ECM adapters) is in :mod:`ctrlgen.lightning_modules.ecm.hooks`; the sampling loops (eager, static,
+CUDA graph) are functions of (model, hook) in :mod:`ctrlgen.lightning_modules.ecm.samplers`: this class contributes the
+per-scale step (:meth:`VAR.sampling_prologue`, :meth:`VAR.sample_scale`), and :meth:`VAR.autoregressive_infer_cfg` is
+:func:`~ctrlgen.lightning_modules.ecm.samplers.sample_cfg` on it.
 
 The layers (attention, FFN, AdaLN blocks, drop-path) live in :mod:`ctrlgen.lightning_modules.ecm.layers`.
 Compilation: :func:`~ctrlgen.lightning_modules.ecm.fastpath.compile_blocks` compiles each block in place (regional
@@ -25,21 +19,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .hooks import HookFn, VARHook
 from .layers import AdaLNBeforeHead, AdaLNSelfAttn
-from .sampling import (
-    cfg_mix,
-    cfg_ratio,
-    resolve_temperatures,
-    sample_smooth,
-    sample_top_k_top_p,
-    uniform_labels,
-)
+from .samplers import SAMPLERS, sample_cfg
+from .sampling import cfg_mix, cfg_ratio
 from .scales import (
     DEFAULT_PATCH_NUMS,
     TINY_PATCH_NUMS,
@@ -47,9 +35,6 @@ from .scales import (
     block_causal_bias,
     lvl_index,
 )
-
-if TYPE_CHECKING:
-    from .fastpath import StaticCFGSampler
 
 VAR_PRESETS: dict[str, dict] = {
     "d16": {"depth": 16}, "d20": {"depth": 20}, "d24": {"depth": 24}, "d30": {"depth": 30},
@@ -60,42 +45,7 @@ VAR_PRESETS: dict[str, dict] = {
     "demo": {"depth": 4, "embed_dim": 128, "num_heads": 4, "vocab_size": 512, "cvae": 16, "num_classes": 10,
              "patch_nums": TINY_PATCH_NUMS},
 }
-HookFn = Callable[[int, Tensor, Tensor, "Tensor | None"], Tensor]
-SAMPLERS = ("eager", "static", "graph")  # VAR.autoregressive_infer_cfg(sampler=...)
-
-
-class VARHook:
-    """Optional base class documenting the hook protocol; plain callables work too."""
-
-    def prepare(self, bg: int, ed: int) -> Tensor | None:  # additive term for x_0[:, bg:ed]
-        return None
-
-    def kv_caching(self, enable: bool, max_len: int | None = None) -> None:
-        pass
-
-    # ---- static / CUDA-graph sampling (optional; without them only the eager sampler takes the hook)
-    def cache_modules(self) -> list[nn.Module]:  # own KV-caching SelfAttention modules
-        return []
-
-    def cache_rows(self, rows: int) -> int:  # batch rows those modules cache when the VAR runs ``rows`` rows
-        return rows
-
-    def static_key(self) -> tuple:  # hashable: hooks with equal keys can share one captured sampler
-        raise self._no_graph("static_key")
-
-    def static_clone(self) -> VARHook:  # same hook on fresh tensor buffers (captured by address)
-        raise self._no_graph("static_clone")
-
-    def load_inputs_(self, other: VARHook) -> None:  # copy ``other``'s tensors into this clone's buffers
-        raise self._no_graph("load_inputs_")
-
-    def _no_graph(self, method: str) -> NotImplementedError:
-        return NotImplementedError(f"{type(self).__name__} does not implement {method}(): it works with "
-                                   "sampler='eager' or 'static'; sampler='graph' needs static_key, static_clone and "
-                                   "load_inputs_ (see ECMHook)")
-
-    def __call__(self, block_idx: int, h: Tensor, cond_BD: Tensor, attn_bias: Tensor | None) -> Tensor:
-        return h
+__all__ = ["SAMPLERS", "VAR", "VAR_PRESETS", "HookFn", "VARHook", "build_var", "default_aln_gamma", "drop_labels"]
 
 
 def default_aln_gamma(depth: int) -> float:
@@ -238,29 +188,7 @@ class VAR(nn.Module):
         h = self.run_blocks(x, cond_BD, self.attn_bias_for_masking[:, :, :ed, :ed], hook)
         return self.get_logits(h, cond_BD)
 
-    # ------------------------------------------------------------------ sampling
-    def _set_caching(self, enable: bool, hook: object | None) -> None:
-        for b in self.blocks:
-            b.attn.kv_caching(enable, self.L if enable else None)
-        kv = getattr(hook, "kv_caching", None)
-        if kv is not None:
-            kv(enable, self.L if enable else None)
-
-    def _resolve_sampling(self, B: int, labels: Tensor | int | None, g_seed: int | None,
-                          generator: torch.Generator | None) -> tuple[Tensor, torch.Generator | None]:
-        """Labels (B,) int64 on the model's device and the generator (``g_seed`` → a fresh one on the device).
-        Random labels (``labels=None``) are the first draw from the generator (:func:`uniform_labels`)."""
-        dev = self.lvl_1L.device
-        if g_seed is not None and generator is not None:
-            raise ValueError("pass either g_seed or generator, not both")
-        rng = generator if generator is not None else (
-            torch.Generator(device=dev).manual_seed(g_seed) if g_seed is not None else None)
-        if labels is None:
-            labels = uniform_labels(B, self.num_classes, rng, dev)
-        elif isinstance(labels, int):
-            labels = torch.full((B,), self.num_classes if labels < 0 else labels, device=dev, dtype=torch.long)
-        return labels.to(dev).long(), rng
-
+    # ------------------------------------------------------------------ sampling: the per-scale step
     def sampling_prologue(self, labels_B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """CFG rows [labels; null class]: cond_BD (2B, D), lvl+pos embedding (1, L, C) and the scale-0 input
         x (2B, first_l, C)."""
@@ -295,91 +223,10 @@ class VAR(nn.Module):
         x = self.word_embed(nxt.flatten(2).transpose(1, 2)) + lvl_pos[:, ed:ne]
         return logits, idx, x.repeat(2, 1, 1)
 
-    @torch.no_grad()
-    def autoregressive_infer_cfg(self, B: int, labels: Tensor | int | None = None, *, vqvae: nn.Module,
-                                 g_seed: int | None = None, generator: torch.Generator | None = None,
-                                 cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
-                                 temperature_schedule: float | Sequence[float] | None = None,
-                                 hook: HookFn | None = None, return_logits: bool = False, decode: bool = True,
-                                 sampler: str = "eager", sampler_compile: dict | None = None,
-                                 more_smooth: bool = False):
-        """KV-cached CFG sampling (spec §3.7 + ECM temperature §2.4). Rows [0, B) use ``labels``, rows
-        [B, 2B) the null class. Per scale: raw logits → (1+t)·cond − t·uncond, t = cfg·si/(K−1) → ÷ T_si →
-        top-k/top-p → multinomial with ``generator`` (or a fresh one seeded by ``g_seed``).
-
-        ``sampler``: ``eager`` (default: ``torch.multinomial`` per scale), ``static`` (:class:`StaticCFGSampler`:
-        preallocated buffers, the draw as argmax(p/q) with Exp(1) noise q from the same generator — the same
-        tokens as ``eager``, without host syncs) or ``graph`` (``static`` with one CUDA graph per scale, captured
-        on the first call of a configuration and cached on this module, see :meth:`clear_sampling_graphs`).
-        ``sampler_compile``: ``torch.compile`` kwargs for the per-scale step of ``static``/``graph`` (one graph
-        per scale; inductor's fusions change float rounding, so tokens may then differ from ``eager``).
-        ``more_smooth`` (eager only; for visualisation, not FID): f̂ accumulates a Gumbel-softmax mixture of
-        codebook vectors of the filtered logits instead of the drawn tokens' vectors (:func:`sample_smooth`).
-
-        Returns images in [0, 1] (or f̂ if ``decode=False``); with ``return_logits`` a tuple
-        ``(img, idx_list[(B, pn²)], raw_logits_list[(2B, pn², V) fp32, before CFG])``."""
-        labels, rng = self._resolve_sampling(B, labels, g_seed, generator)
-        temps = resolve_temperatures(temperature_schedule, len(self.patch_nums))
-        if more_smooth and sampler != "eager":
-            raise ValueError(f"more_smooth=True needs sampler='eager', got sampler={sampler!r}")
-        if sampler != "eager":
-            run = self.static_sampler(B, vqvae, cfg=cfg, top_k=top_k, top_p=top_p, temperatures=temps, hook=hook,
-                                      return_logits=return_logits, sampler=sampler, compile_kw=sampler_compile)
-            f_hat, idx_list, logits_list = run(labels, rng, hook)
-        else:
-            cond_BD, lvl_pos, x = self.sampling_prologue(labels)
-            H = self.patch_nums[-1]
-            f_hat = cond_BD.new_zeros(B, self.Cvae, H, H, dtype=torch.float32)
-            idx_list, logits_list = [], []
-
-            def pick(si: int, mixed: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-                if more_smooth:
-                    return sample_smooth(mixed, vqvae.quantize.embedding.weight, si, len(temps), top_k, top_p,
-                                         generator=rng, temperature=temps[si])
-                return sample_top_k_top_p(mixed, top_k, top_p, generator=rng, temperature=temps[si])
-
-            self._set_caching(True, hook)
-            try:
-                for si in range(len(self.patch_nums)):
-                    logits, idx, x = self.sample_scale(si, x, cond_BD, lvl_pos, f_hat, vqvae, cfg, pick, hook)
-                    idx_list.append(idx)
-                    if return_logits:
-                        logits_list.append(logits)
-            finally:
-                self._set_caching(False, hook)
-        out = vqvae.fhat_to_img(f_hat).float().add_(1).mul_(0.5) if decode else f_hat
-        return (out, idx_list, logits_list) if return_logits else out
-
-    def static_sampler(self, B: int, vqvae: nn.Module, *, cfg: float, top_k: int, top_p: float,
-                       temperatures: Sequence[float], hook: HookFn | None = None, return_logits: bool = False,
-                       sampler: str = "static", compile_kw: dict | None = None) -> StaticCFGSampler:
-        """A :class:`StaticCFGSampler` for this configuration: a fresh one (``static``), or for ``graph`` the one
-        cached under the configuration key (batch, settings, autocast, hook key, VQVAE, compile kwargs)."""
-        from .fastpath import StaticCFGSampler
-
-        if sampler not in SAMPLERS[1:]:
-            raise ValueError(f"sampler must be {'|'.join(SAMPLERS)}, got {sampler!r}")
-        kw = {"cfg": cfg, "top_k": top_k, "top_p": top_p, "temperatures": tuple(temperatures), "hook": hook,
-              "return_logits": return_logits, "compile_kw": compile_kw}
-        if sampler == "static":
-            return StaticCFGSampler(self, vqvae, B, **kw)
-        dev = self.lvl_1L.device
-        if dev.type != "cuda":
-            raise ValueError(f"sampler='graph' needs the model on a CUDA device, not {dev}")
-        if hook is not None and not callable(getattr(hook, "static_key", None)):
-            raise ValueError("sampler='graph' needs a hook with static_key/static_clone/load_inputs_ (see VARHook)")
-        ac = (torch.is_autocast_enabled(dev.type), torch.get_autocast_dtype(dev.type))
-        key = (B, id(vqvae), cfg, top_k, top_p, tuple(temperatures), return_logits, ac, str(dev),
-               None if hook is None else hook.static_key(), repr(sorted((compile_kw or {}).items())))
-        cache = self.__dict__.setdefault("_graph_samplers", {})
-        if key not in cache:
-            cache[key] = StaticCFGSampler(self, vqvae, B, cuda_graph=True, **kw)
-        return cache[key]
-
-    def clear_sampling_graphs(self) -> None:
-        """Drop the cached CUDA-graph samplers (their graphs read parameters by address: call this after
-        replacing parameter tensors, e.g. moving the model; in-place updates are seen by the graphs)."""
-        self.__dict__.pop("_graph_samplers", None)
+    def autoregressive_infer_cfg(self, B: int, labels: Tensor | int | None = None, *, vqvae: nn.Module, **kw):
+        """KV-cached CFG sampling: :func:`~ctrlgen.lightning_modules.ecm.samplers.sample_cfg` on this model
+        (keyword arguments, defaults and returns as documented there)."""
+        return sample_cfg(self, B, labels, vqvae=vqvae, **kw)
 
 
 def build_var(preset: str | None = "d16", **overrides) -> VAR:

@@ -2,7 +2,8 @@
 
 What is checked is the pipeline, not quality (4 steps train nothing; the quality run is in docs/results.md): every stage
 leaves its checkpoint, sample grid and its own offline W&B run; the full-fine-tune branch ran in its own process; the
-summary holds canny F1 for controlled and uncontrolled samples of both branches, step times and the stage timings.
+summary holds canny F1 for controlled and uncontrolled samples of both branches, step times, the stage timings and the
+demo contract's claims (canny_f1_margin, epoch_cost_ratio).
 """
 
 from __future__ import annotations
@@ -51,3 +52,13 @@ def test_demo_pipeline_end_to_end(tmp_path):
     table = (out / "results.md").read_text()
     assert "| ECM (frozen VAR + adapters) |" in table and "| full fine-tune baseline |" in table and "margin" in table
     assert "F1 margin ECM vs uncontrolled base" in r.stdout
+    # the demo contract: claims with their names, targets and values from the results above
+    claims = {c["name"]: c for c in s["claims"]}
+    assert s["method"] == "ecm" and list(claims) == ["canny_f1_margin", "epoch_cost_ratio"]
+    assert all(set(c) == {"name", "value", "target", "met"} for c in claims.values())
+    assert claims["canny_f1_margin"]["target"] == "> 0.05" and claims["epoch_cost_ratio"]["target"] == "< 1"
+    assert math.isclose(claims["canny_f1_margin"]["value"], s["margin_f1_ecm_vs_base"])
+    assert math.isclose(claims["epoch_cost_ratio"]["value"], s["ratio_train_s_per_step_ecm_vs_fullft"])
+    assert claims["epoch_cost_ratio"]["met"] == (claims["epoch_cost_ratio"]["value"] < 1)
+    assert "canny_f1_margin" in r.stdout and "epoch_cost_ratio" in r.stdout  # the claims table is printed
+    assert "canny_f1_margin" in table

@@ -21,8 +21,8 @@ from ctrlgen.lightning_modules.ecm.control import (
     compile_control,
     freeze_backbone,
 )
+from ctrlgen.lightning_modules.ecm import samplers
 from ctrlgen.lightning_modules.ecm.fastpath import (
-    StaticCFGSampler,
     compile_blocks,
     fast_decoder,
     plain_decoder,
@@ -33,7 +33,9 @@ from ctrlgen.lightning_modules.ecm.sampling import (
     sample_top_k_top_p,
     sample_with_noise,
 )
-from ctrlgen.lightning_modules.ecm.var import VARHook, build_var
+from ctrlgen.lightning_modules.ecm.hooks import VARHook
+from ctrlgen.lightning_modules.ecm.samplers import StaticCFGSampler
+from ctrlgen.lightning_modules.ecm.var import build_var
 from ctrlgen.lightning_modules.ecm.vqvae import build_vqvae
 
 REPO = Path(__file__).resolve().parents[2]
@@ -263,7 +265,7 @@ def test_static_sampler_steps_have_no_host_syncs(vae, control):
     if control:
         ctl = lively_ctl(var)
         hook = ctl.sampling_hook(2, cond_img=torch.rand(2, 3, 64, 64) * 2 - 1, cfg_control=control)
-    smp = var.static_sampler(2, vae, cfg=1.5, top_k=50, top_p=0.9, temperatures=TEMPS, hook=hook)
+    smp = samplers.static_sampler(var, 2, vae, cfg=1.5, top_k=50, top_p=0.9, temperatures=TEMPS, hook=hook)
     mode, step = HostSyncOps(), smp.step
 
     def watched(si, state):
@@ -298,6 +300,62 @@ def test_sampler_argument_errors(vae):
         StaticCFGSampler(var, vae, 2, cfg=1.5, top_k=0, top_p=0.0, temperatures=[1.0])
 
 
+def test_graph_cache_key_sees_moved_reloaded_and_replaced_weights(vae):
+    """The CUDA-graph cache key (samplers.weights_key) changes whenever the graphs' addresses would be stale —
+    ``.to()``, ``load_state_dict(assign=True)``, a replaced parameter — and not for in-place updates, which the
+    replays read; a stale entry is rebuilt and replaced, copies of the model start without graphs."""
+    import copy
+
+    var = lively_var()
+    k0 = samplers.weights_key(var, vae)
+    assert samplers.weights_key(var, vae) == k0 and len(k0) == len(list(var.parameters())) + len(
+        list(var.buffers())) + len(list(vae.parameters())) + len(list(vae.buffers()))
+    with torch.no_grad():
+        var.head.weight.add_(1.0)  # optimizer-style in-place update
+    var.load_state_dict(var.state_dict())  # copies into the same tensors
+    assert samplers.weights_key(var, vae) == k0
+    var.load_state_dict({k: v.clone() for k, v in var.state_dict().items()}, assign=True)
+    k1 = samplers.weights_key(var, vae)
+    assert k1 != k0
+    var.double()
+    k2 = samplers.weights_key(var, vae)
+    assert k2 != k1
+    var.float()
+    k3 = samplers.weights_key(var, vae)
+    var.head.weight = nn.Parameter(var.head.weight.detach().clone())
+    assert samplers.weights_key(var, vae) != k3
+    ctl = lively_ctl(var)
+    hook = ctl.sampling_hook(2, cond_img=torch.rand(2, 3, 64, 64) * 2 - 1)
+    assert ctl in samplers.hook_modules(hook)  # the control net's weights are part of the key
+    assert samplers.weights_key(var, *samplers.hook_modules(hook)) != samplers.weights_key(var)
+
+    built = []
+
+    def build():
+        built.append(object())
+        return built[-1]
+    a = samplers.cached_sampler(var, ("cfg",), k0, build)
+    assert samplers.cached_sampler(var, ("cfg",), k0, build) is a and len(built) == 1
+    b = samplers.cached_sampler(var, ("cfg",), k1, build)
+    assert b is not a and len(built) == 2 and dict(samplers.graph_store(var)) == {("cfg",): (k1, b)}
+    assert len(samplers.graph_store(copy.deepcopy(var))) == 0
+    samplers.clear_graphs(var)
+    assert len(samplers.graph_store(var)) == 0
+
+
+def test_graph_sampler_refuses_sharded_modules():
+    class FullyShardedDataParallel(nn.Module):  # the name FSDP1 wrappers carry
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+    var = lively_var()
+    assert samplers.sharded_reason([var]) is None
+    assert "FSDP-wrapped" in samplers.sharded_reason([nn.Sequential(FullyShardedDataParallel(var.head))])
+    freed = nn.Linear(3, 3)
+    freed.weight.untyped_storage().resize_(0)  # FSDP frees unsharded parameters like this outside forward
+    assert "no storage" in samplers.sharded_reason([freed])
+
+
 # ----------------------------------------------------------------------------- CUDA (skipped on CPU)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -327,8 +385,20 @@ def test_cuda_graph_sampler_matches_eager(amp):
             assert _same_tokens(ea[1], gr[1]) and _same_tokens(ea[1], gr2[1]) and torch.equal(ea[0], gr2[0])
             assert torch.equal(ga.get_state(), gg.get_state())
             assert not _same_tokens(gr2[1], gr3[1])
-    assert len(var.__dict__.get("_graph_samplers", {})) == 2  # base and ECM (one autocast setting per test)
-    var.clear_sampling_graphs()
+        assert len(samplers.graph_store(var)) == 2  # base and ECM (one autocast setting per test)
+        # new parameter tensors at new addresses (the old ones kept alive): the cached graphs are rebuilt, not
+        # replayed on the old addresses, and replace the stale entries
+        # (and new values, so a replay of a stale graph would give the old tokens)
+        keep = [p.data for p in var.parameters()]
+        var.cpu().cuda()
+        assert all(p.data_ptr() != k.data_ptr() for p, k in zip(var.parameters(), keep))
+        var.head.weight.data.add_(torch.randn_like(var.head.weight) * 0.5)
+        (eb, _), (gr4, _) = sample(7, "eager"), sample(7, "graph")
+        assert not _same_tokens(ea[1], eb[1]) and _same_tokens(eb[1], gr4[1])
+        assert len(samplers.graph_store(var)) == 2
+        del keep
+    samplers.clear_graphs(var)
+    assert len(samplers.graph_store(var)) == 0
 
 
 # ----------------------------------------------------------------------------- bench smoke

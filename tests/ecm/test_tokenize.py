@@ -1,4 +1,4 @@
-"""``ctrlgen data tokenize`` (lightning_modules/ecm/tokenize.py; ecm.md §5): codes = img_to_idx of the stored crop,
+"""``ctrlgen data tokenize`` (lightning_modules/apps/tokenize.py; ecm.md §5): codes = img_to_idx of the stored crop,
 pretokenised batches carry ``codes`` (B, L), and the training loss on pretokenised batches equals the loss with
 on-the-fly tokenisation of the same crop (VARModule and ECMModule)."""
 
@@ -16,7 +16,8 @@ import torch
 import yaml
 from PIL import Image
 
-from ctrlgen.datamodules.ecm import ECMDataModule, resize_crop, to_signed
+from ctrlgen.datamodules.ecm import ECMDataModule
+from ctrlgen.datamodules.images import resize_crop, to_signed
 from ctrlgen.datamodules.shards import (
     decode_image,
     encode_jpg,
@@ -24,7 +25,7 @@ from ctrlgen.datamodules.shards import (
     iter_samples,
     write_shards,
 )
-from ctrlgen.lightning_modules.ecm.tokenize import tokenize_cli, vqvae_args_from_config
+from ctrlgen.lightning_modules.apps.tokenize import tokenize_cli, vqvae_args_from_config
 from ctrlgen.lightning_modules.ecm.vqvae import build_vqvae
 
 SIZE, N_PER_SHARD = 32, 8
@@ -107,7 +108,7 @@ def test_codes_equal_img_to_idx_of_the_stored_crop(setup):
 def test_default_crop_is_vars_centre_crop_of_the_loader():
     """Default mid_reso 1.125 (VAR): the stored crop is the centre SIZE crop of the image resized to 1.125 × SIZE on
     its shorter side, exactly what ECMDataModule evaluates on; a SIZE × SIZE image is zoomed too (not kept)."""
-    from ctrlgen.lightning_modules.ecm.tokenize import prepare_sample
+    from ctrlgen.lightning_modules.apps.tokenize import prepare_sample
 
     rng = np.random.default_rng(1)
     img = rng.integers(0, 256, (SIZE + 8, SIZE + 24, 3), dtype=np.uint8)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctrlgen.lightning_modules.ecm import samplers as samplers_mod
 from ctrlgen.lightning_modules.ecm import var as var_mod
 from ctrlgen.lightning_modules.ecm.checkpoint import read_manifest
 from ctrlgen.lightning_modules.ecm.sampling import temperature_schedule
@@ -207,13 +208,13 @@ def test_sampling_is_seeded_and_deterministic(tiny_vae):
 
 def test_sampler_divides_by_per_scale_temperature(tiny_vae, monkeypatch):
     seen = []
-    real = var_mod.sample_top_k_top_p
+    real = samplers_mod.sample_top_k_top_p
 
     def spy(logits, top_k, top_p, generator=None, temperature=1.0):
         seen.append(temperature)
         return real(logits, top_k, top_p, generator=generator, temperature=temperature)
 
-    monkeypatch.setattr(var_mod, "sample_top_k_top_p", spy)  # module-local, undone by pytest
+    monkeypatch.setattr(samplers_mod, "sample_top_k_top_p", spy)  # module-local (the eager loop), undone by pytest
     m = lively_tiny()
     temps = temperature_schedule(6, "step", temp_high=1.0, temp_low=0.8, switch_scale=4)
     m.autoregressive_infer_cfg(2, 3, vqvae=tiny_vae, g_seed=0, temperature_schedule=temps, decode=False)

@@ -73,7 +73,10 @@ def test_preflight(monkeypatch):
 
 
 def test_guarded_entry_refuses_after_parsing_before_building(monkeypatch, shapes_shards, tmp_path, capsys):
-    """``python -m ctrlgen.lightning_modules.common.slurm fit ...``: the parsed trainer.devices is checked before any model."""
+    """``ctrlgen fit ...`` (``python -m ctrlgen.lightning_modules.cli``, the guarded entry): the parsed trainer.devices
+    is checked before any model."""
+    from ctrlgen.lightning_modules.cli import main as ctrlgen_main
+
     for k, v in SRUN_STEP.items():
         monkeypatch.setenv(k, v)
     built = []
@@ -88,13 +91,24 @@ def test_guarded_entry_refuses_after_parsing_before_building(monkeypatch, shapes
 
     monkeypatch.setattr(TinyAEModule, "__init__", spy)
     with pytest.raises(SystemExit) as e:
-        guard.main(["fit", "-c", "tests/configs/tiny.yaml", f"--data.init_args.train_shards={shapes_shards['train']}",
-                    "--trainer.devices=1", f"--trainer.default_root_dir={tmp_path}"])
+        ctrlgen_main(["fit", "-c", "tests/configs/tiny.yaml",
+                      f"--data.init_args.train_shards={shapes_shards['train']}", "--trainer.devices=1",
+                      f"--trainer.default_root_dir={tmp_path}"])
     assert e.value.code == 2 and not built
     assert "trainer.devices=1" in capsys.readouterr().err
     monkeypatch.delenv("SLURM_STEP_ID")
     monkeypatch.delenv("SLURM_STEPID")
     with pytest.raises(SystemExit) as e:  # batch step: refused before the config is even parsed
-        guard.main(["fit", "-c", "does-not-exist.yaml"])
+        ctrlgen_main(["fit", "-c", "does-not-exist.yaml"])
     assert e.value.code == 2
     assert "not started by `srun`" in capsys.readouterr().err
+
+
+def test_guard_script_runs_only_its_own_commands(monkeypatch, capsys):
+    """``lightning_modules/common/slurm.py`` is a leaf: training commands are refused with the entry point to use."""
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    with pytest.raises(SystemExit) as e:
+        guard.main(["fit", "-c", "tests/configs/tiny.yaml"])
+    assert e.value.code == 2
+    assert "srun python -m ctrlgen.lightning_modules.cli fit" in capsys.readouterr().err
+    guard.main(["check", "--devices", "2"])  # outside SLURM: nothing to refuse

@@ -199,7 +199,7 @@ def _guard_script(tmp: Path, entry: str, srun: bool, devices: int, num_nodes: in
     return script
 
 
-@pytest.mark.parametrize("entry", ["ctrlgen.lightning_modules.common.slurm", "ctrlgen.lightning_modules.cli"])
+@pytest.mark.parametrize("entry", ["ctrlgen.lightning_modules.cli"])
 @pytest.mark.parametrize("case", ["no_srun", "mismatch"])
 def test_bad_launch_is_refused_fast(slurm_cluster, shapes_shards, tmp_path, entry, case):
     if case == "no_srun":  # python run by the batch script itself in a 2-task job: Lightning would hang forever

@@ -2,12 +2,13 @@
 
 Every sample of the input shards is resized (shorter side → ``mid_reso`` × the VQVAE's ``image_size``; VAR's 1.125 by
 default, the crop ``ECMDataModule`` evaluates on) and centre-cropped with
-:func:`ctrlgen.datamodules.ecm.resize_crop`, the function the ECM loader uses, applied to the image **and** every image-typed key
-(``canny.png``, ``depth.png``, ``normal.png``, …) alike, so condition maps and codes describe the same crop. The crop is
-re-encoded (JPEG stays JPEG at ``jpeg_quality``, condition maps stay lossless PNG, 16-bit PNGs stay 16-bit) and the codes
-are computed from the **decoded re-encoded** image, i.e. from exactly the pixels ``ECMDataModule(pretokenized=True)``
-will see. With ``mid_reso`` 1, samples already at the right size keep their original bytes untouched. ``vq.npy`` holds the L codes in VAR
-order (scale 0 first), uint16 (int32 if the vocabulary exceeds 65,536). All other keys are copied byte for byte.
+:func:`ctrlgen.datamodules.images.resize_crop`, the function the ECM loader uses, applied to the image **and** every
+image-typed key (``canny.png``, ``depth.png``, ``normal.png``, …) alike, so condition maps and codes describe the same
+crop. The crop is re-encoded (JPEG stays JPEG at ``jpeg_quality``, condition maps stay lossless PNG, 16-bit PNGs stay
+16-bit) and the codes are computed from the **decoded re-encoded** image, i.e. from exactly the pixels
+``ECMDataModule(pretokenized=True)`` will see. With ``mid_reso`` 1, samples already at the right size keep their
+original bytes untouched. ``vq.npy`` holds the L codes in VAR order (scale 0 first), uint16 (int32 if the vocabulary
+exceeds 65,536). All other keys are copied byte for byte.
 
 ``crops_per_image`` N > 1 (ecm.md §5's knob) also stores N − 1 random crops of the same resized image (VAR's
 training crop), each with its maps and codes under the prefix ``c<j>.`` (``c1.jpg``, ``c1.canny.png``, ``c1.vq.npy``;
@@ -136,7 +137,7 @@ def prepare_crops(raw: dict[str, Any], size: int, image_key: str = "auto", jpeg_
     """``prepare_sample``'s centre crop (crop 0, unprefixed keys) plus ``crops`` − 1 random crops stored under
     ``c<j>.`` keys; (output sample without codes, the pixels to tokenise per crop). The image and its maps are decoded
     once for all crops. Stale ``c<j>.`` and ``vq.npy`` keys of the input are dropped."""
-    from ctrlgen.datamodules.ecm import CROP_KEY, crop_prefix, resize_crop
+    from ctrlgen.datamodules.images import CROP_KEY, crop_prefix, resize_crop
     from ctrlgen.datamodules.shards import decode_image
 
     ikey = find_image_key(raw, image_key)
@@ -236,7 +237,7 @@ def tokenize_cli(shards: str | Sequence[str], out: str, config: str | os.PathLik
     samples, so the VQVAE sees up to ``batch_size × crops_per_image`` images at once."""
     from webdataset import TarWriter
 
-    from ctrlgen.datamodules.ecm import check_mid_reso
+    from ctrlgen.datamodules.images import check_mid_reso
     from ctrlgen.datamodules.shards import resolve_shards
 
     t0 = time.perf_counter()
@@ -279,8 +280,8 @@ def tokenize_cli(shards: str | Sequence[str], out: str, config: str | os.PathLik
         nonlocal n_done
         if not pending:
             return
-        # = ctrlgen.datamodules.ecm.to_signed + collate: contiguous NCHW (a channels-last view picks other conv kernels on
-        # CPU, whose rounding flips near-tie codes against the loader's on-the-fly path)
+        # = ctrlgen.datamodules.images.to_signed + collate: contiguous NCHW (a channels-last view picks other conv
+        # kernels on CPU, whose rounding flips near-tie codes against the loader's on-the-fly path)
         x = torch.from_numpy(np.stack([p for _, _, ps in pending for p in ps])).to(dev).permute(0, 3, 1, 2).contiguous()
         x = x.float() / 127.5 - 1.0
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -289,7 +290,7 @@ def tokenize_cli(shards: str | Sequence[str], out: str, config: str | os.PathLik
         if codes.shape[1] != L or codes.max(initial=0) >= vq.vocab_size:
             raise RuntimeError(f"tokenize: unexpected codes {codes.shape} (L {L}, V {vq.vocab_size})")
         row = 0
-        from ctrlgen.datamodules.ecm import crop_prefix
+        from ctrlgen.datamodules.images import crop_prefix
 
         for i, sample, ps in pending:
             for j in range(len(ps)):

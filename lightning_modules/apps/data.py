@@ -1,14 +1,13 @@
-"""Tool subcommands of ``ctrlgen``: ``data synth|pack|inspect|refstats|tokenize`` and ``demo <method>``."""
+"""``ctrlgen data synth|pack|inspect|refstats|tokenize``: make, pack, inspect and tokenize WebDataset shards, and
+reference statistics for FID."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 
-def _data_parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctrlgen data", description="make, pack and inspect WebDataset shards")
     sub = p.add_subparsers(dest="tool", required=True)
     s = sub.add_parser("synth", help="write a deterministic synthetic world as shards")
@@ -46,11 +45,17 @@ def _data_parser() -> argparse.ArgumentParser:
                    "crop, as the ECM loader (VAR: 1.125); 1 for shards already cropped to the size")
     t.add_argument("--crops-per-image", type=int, default=1, help="stored crops per sample: the centre crop plus "
                    "N-1 random ones (c1.*, c2.*), one picked per epoch in pre-tokenised training")
+    p.tool_parsers = sub.choices  # name → parser, for the usage lines
     return p
 
 
-def data_main(argv: list[str]) -> None:
-    args = _data_parser().parse_args(argv)
+def usage_lines() -> list[str]:
+    """One ``ctrlgen data <tool> ...`` usage line per tool (for ``ctrlgen --help``)."""
+    return [" ".join(t.format_usage().split()).removeprefix("usage: ") for t in parser().tool_parsers.values()]
+
+
+def main(argv: list[str]) -> None:
+    args = parser().parse_args(argv)
     if args.tool == "synth":
         from ctrlgen.datamodules.synth import synth
 
@@ -74,37 +79,7 @@ def data_main(argv: list[str]) -> None:
 
         refstats_cli(args.source, args.out, args.inception, args.batch_size, args.image_key)
     elif args.tool == "tokenize":
-        from ctrlgen.lightning_modules.ecm.tokenize import tokenize_cli
+        from ctrlgen.lightning_modules.apps.tokenize import tokenize_cli
 
         tokenize_cli(args.shards, args.out, args.config, args.ckpt, args.batch_size, mid_reso=args.mid_reso,
                      crops_per_image=args.crops_per_image)
-
-
-def demo_main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="ctrlgen demo", description="end-to-end CPU demos on synthetic worlds")
-    p.add_argument("method", choices=["ecm"])
-    p.add_argument("--out", default="demo_runs/ecm")
-    p.add_argument("--fast", action="store_true", help="a tenth of the steps and a quarter of the data (smoke run)")
-    p.add_argument("--steps", default="", metavar="STAGE=N,...",
-                   help="override steps per stage, e.g. vqvae=600,var=800 (stages: vqvae, var, ecm, fullft)")
-    p.add_argument("--sequential", action="store_true",
-                   help="run the full-fine-tune branch after the ECM branch instead of in a parallel process")
-    args = p.parse_args(argv)
-    from ctrlgen.lightning_modules.ecm.demo import DEFAULT_STEPS, run_demo
-
-    steps: dict[str, int] = {}
-    for item in filter(None, args.steps.split(",")):
-        name, _, n = item.partition("=")
-        if name not in DEFAULT_STEPS or not n.isdigit() or int(n) < 1:
-            p.error(f"--steps: bad item {item!r}; expected STAGE=N with STAGE in {sorted(DEFAULT_STEPS)} and N >= 1")
-        steps[name] = int(n)
-    run_demo(Path(args.out), fast=args.fast, steps=steps, parallel=not args.sequential)
-
-
-def main(argv: list[str]) -> None:
-    if argv[0] == "data":
-        data_main(argv[1:])
-    elif argv[0] == "demo":
-        demo_main(argv[1:])
-    else:  # pragma: no cover - cli.main dispatches only these
-        sys.exit(f"unknown tool {argv[0]!r}")

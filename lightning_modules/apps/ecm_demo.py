@@ -3,7 +3,12 @@
 Stages, each a real ``ctrlgen fit``/``test`` run with its own checkpoint, sample grids and (offline) W&B run:
 shards → VQVAE → VAR (class-conditional) → ECM canny adapters on the frozen VAR → the full-fine-tune baseline (same
 control net and data, VAR unfrozen, full sequences) → ``test`` of both: canny F1 of controlled samples vs the same base
-sampled without control (same seeds). Prints a summary table and writes ``<out>/results.md`` and ``<out>/summary.json``.
+sampled without control (same seeds). Prints a summary table and writes ``<out>/results.md`` and ``<out>/summary.json``
+with the demo contract's claims (:mod:`ctrlgen.lightning_modules.apps.claims`):
+
+- ``canny_f1_margin``: canny F1 of ECM's controlled samples − that of the same frozen base sampled without control
+  (paired, same seeds and test images), target ``> 0.05``;
+- ``epoch_cost_ratio``: ECM train s/step ÷ full-fine-tune train s/step (:class:`StepTimer`), target ``< 1``.
 
 Sized for 2 shared CPU cores (docs/results.md): one intra-op thread per process, and the ECM and full-fine-tune
 branches (fit + test each; both need only the VAR) run in two processes side by side.
@@ -11,67 +16,35 @@ branches (fit + test each; both need only the VAR) run in two processes side by 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 from rich.console import Console
 from rich.table import Table
 
 from ctrlgen.configs import CONFIG_DIR
+from ctrlgen.lightning_modules.apps.claims import Claim, claim, claims_table, write_summary
+from ctrlgen.lightning_modules.apps.stages import (  # StepTimer: re-exported, the timer the stages add
+    STEP_TIMER,
+    StepTimer,
+    demo_threads,
+    run_cli,
+    step_time,
+)
 
 CONFIGS = CONFIG_DIR / "ecm"
 SIZE = 32
 # Steps per stage (`--fast`: a tenth). Sized for ≤ 15 min in total on 2 CPU cores (docs/results.md has a measured run).
 DEFAULT_STEPS = {"vqvae": 300, "var": 400, "ecm": 300, "fullft": 300}
-
-
-class StepTimer(L.Callback):
-    """Mean wall time of the optimisation steps (batch start → end, i.e. after the optimiser step) without the first
-    ``warmup_steps``, data loading, validation and start-up: the "train s/step" of the summary table."""
-
-    def __init__(self, warmup_steps: int = 3) -> None:
-        self.warmup_steps = warmup_steps
-        self.total, self.count = 0.0, 0
-        self._t0: float | None = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._t0 is not None and trainer.global_step > self.warmup_steps:
-            self.total += time.perf_counter() - self._t0
-            self.count += 1
-
-    @property
-    def mean_s(self) -> float | None:
-        return self.total / self.count if self.count else None
-
-
-def _step_time(cli) -> float | None:
-    return next((cb.mean_s for cb in cli.trainer.callbacks if isinstance(cb, StepTimer)), None)
-
-
-def _cli(args: list[str]):
-    from ctrlgen.lightning_modules.cli import CtrlgenCLI, configure_wandb_mode
-
-    configure_wandb_mode()
-    try:
-        return CtrlgenCLI(args=args)
-    finally:
-        _finish_wandb()
-
-
-def _finish_wandb() -> None:
-    """Close the stage's W&B run, so that the next stage gets its own run instead of logging into this one."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
+TARGETS = {"canny_f1_margin": "> 0.05", "epoch_cost_ratio": "< 1"}
+__all__ = ["DEFAULT_STEPS", "TARGETS", "StepTimer", "add_arguments", "ecm_claims", "run", "run_demo"]
 
 
 def _data_args(shards: Path, test: bool = False) -> list[str]:
@@ -83,32 +56,25 @@ def _data_args(shards: Path, test: bool = False) -> list[str]:
 def _steps(n: int, fast: bool) -> list[str]:
     n = max(4, n // 10) if fast else n
     return [f"--trainer.max_steps={n}", f"--trainer.val_check_interval={n}",
-            f"--data.init_args.train_batches_per_epoch={n}", "--trainer.callbacks+=ctrlgen.lightning_modules.ecm.demo.StepTimer"]
-
-
-def _threads() -> int:
-    """Intra-op threads per process (``CTRLGEN_DEMO_THREADS``, default 1). On the shared 2-core box two OpenMP threads
-    per process made these tiny models ~10× slower (the threads wait for each other at every op while other jobs hold
-    a core); the demo uses the second core by running the full fine-tune in a parallel process instead."""
-    return max(1, int(os.environ.get("CTRLGEN_DEMO_THREADS", "1")))
+            f"--data.init_args.train_batches_per_epoch={n}", f"--trainer.callbacks+={STEP_TIMER}"]
 
 
 def _fit(out: Path, name: str, config: str, n: int, fast: bool, extra: list[str]) -> tuple[Any, float]:
     t = time.perf_counter()
-    cli = _cli(["fit", "-c", str(CONFIGS / config), f"--trainer.default_root_dir={out / name}",
+    cli = run_cli(["fit", "-c", str(CONFIGS / config), f"--trainer.default_root_dir={out / name}",
                 *_data_args(out / "shards"), *_steps(n, fast), *extra])
     return cli, time.perf_counter() - t
 
 
 def _test(out: Path, name: str, fit_cli: Any, fit_s: float, bases: list[str]) -> tuple[dict[str, float], float]:
     t = time.perf_counter()
-    tested = _cli(["test", "-c", str(CONFIGS / "demo_ecm.yaml"), f"--trainer.default_root_dir={out / name}-test",
+    tested = run_cli(["test", "-c", str(CONFIGS / "demo_ecm.yaml"), f"--trainer.default_root_dir={out / name}-test",
                    *_data_args(out / "shards", test=True), *bases,
                    f"--model.init_args.finetune_base={'true' if name == 'fullft' else 'false'}",
                    f"--ckpt_path={out / name / 'checkpoints' / 'last.ckpt'}"])
     m = {k: float(v) for k, v in tested.trainer.callback_metrics.items() if k.startswith("test/")}
     m["trainable_params"] = float(sum(p.numel() for p in fit_cli.model.parameters() if p.requires_grad))
-    step_s = _step_time(fit_cli)
+    step_s = step_time(fit_cli)
     m["train_s_per_step"] = step_s if step_s is not None else fit_s / max(1, fit_cli.trainer.global_step)
     m["train_steps"] = float(fit_cli.trainer.global_step)
     return m, time.perf_counter() - t
@@ -120,29 +86,29 @@ def _fit_and_test(out: Path, name: str, n: int, fast: bool, bases: list[str], ex
     return {"metrics": metrics, "fit_s": fit_s, "test_s": test_s}
 
 
-def _child(spec_json: str) -> None:
+def run_branch(spec_json: str) -> None:
     """The full-fine-tune branch (fit + test) in its own process, started by :func:`run_demo`; writes its metrics and
     times to ``spec["result"]``."""
     import torch
 
     spec = json.loads(spec_json)
-    torch.set_num_threads(_threads())
+    torch.set_num_threads(demo_threads())
     res = _fit_and_test(Path(spec["out"]), spec["name"], spec["n"], spec["fast"], spec["bases"], spec["extra"])
     Path(spec["result"]).write_text(json.dumps(res))
 
 
 def run_demo(out: Path, fast: bool = False, steps: dict[str, int] | None = None,
              parallel: bool = True) -> dict[str, Any]:
-    """Run every stage into ``out``; returns the summary (also in ``out/summary.json``).
+    """Run every stage into ``out``; returns the summary (also in ``out/summary.json``, with the claims).
 
-    Every process uses ``_threads()`` intra-op threads. With ``parallel`` the full-fine-tune branch (fit + test) runs
-    in a second process while this one runs the ECM branch; its console output goes to ``out/fullft.log``."""
+    Every process uses ``demo_threads()`` intra-op threads. With ``parallel`` the full-fine-tune branch (fit + test)
+    runs in a second process while this one runs the ECM branch; its console output goes to ``out/fullft.log``."""
     import torch
 
     from ctrlgen.datamodules.synth import synth
 
     console = Console()
-    torch.set_num_threads(_threads())
+    torch.set_num_threads(demo_threads())
     steps = {**DEFAULT_STEPS, **(steps or {})}
     out = Path(out)
     shards = out / "shards"
@@ -158,12 +124,12 @@ def run_demo(out: Path, fast: bool = False, steps: dict[str, int] | None = None,
     step_s: dict[str, float | None] = {}
     console.rule("stage: vqvae")
     cli, timings["vqvae"] = _fit(out, "vqvae", "demo_vqvae.yaml", steps["vqvae"], fast, [])
-    step_s["vqvae"] = _step_time(cli)
+    step_s["vqvae"] = step_time(cli)
     vq_ckpt = out / "vqvae" / "checkpoints" / "last.ckpt"
     console.rule("stage: var")
     cli, timings["var"] = _fit(out, "var", "demo_var.yaml", steps["var"], fast,
                                [f"--model.init_args.vqvae_weights={vq_ckpt}"])
-    step_s["var"] = _step_time(cli)
+    step_s["var"] = step_time(cli)
     del cli
     var_ckpt = out / "var" / "checkpoints" / "last.ckpt"
     bases = [f"--model.init_args.vqvae_weights={vq_ckpt}", f"--model.init_args.var_weights={var_ckpt}"]
@@ -176,8 +142,8 @@ def run_demo(out: Path, fast: bool = False, steps: dict[str, int] | None = None,
         result.unlink(missing_ok=True)
         spec = {"out": str(out), "name": "fullft", "n": steps["fullft"], "fast": fast, "bases": bases,
                 "extra": ft_extra, "result": str(result)}
-        env = {**os.environ, "OMP_NUM_THREADS": str(_threads())}
-        code = "import sys; from ctrlgen.lightning_modules.ecm.demo import _child; _child(sys.argv[1])"
+        env = {**os.environ, "OMP_NUM_THREADS": str(demo_threads())}
+        code = "import sys; from ctrlgen.lightning_modules.apps.ecm_demo import run_branch; run_branch(sys.argv[1])"
         log = open(out / "fullft.log", "w")  # noqa: SIM115 (closed once the child has ended)
         child = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], stdout=log, stderr=subprocess.STDOUT,
                                  env=env)
@@ -205,14 +171,21 @@ def run_demo(out: Path, fast: bool = False, steps: dict[str, int] | None = None,
         step_s[name] = b["metrics"]["train_s_per_step"]
     total = time.perf_counter() - t0
     summary = {"results": results, "timings_s": timings, "total_s": total, "fast": fast, "steps": steps,
-               "train_s_per_step": step_s, "threads_per_process": _threads(), "parallel_branches": parallel,
+               "train_s_per_step": step_s, "threads_per_process": demo_threads(), "parallel_branches": parallel,
                "margin_f1_ecm_vs_base": results["ecm"]["test/canny_f1"] - results["ecm"]["test/canny_f1_base"],
                "margin_f1_ecm_vs_base_sem": results["ecm"].get("test/canny_f1_margin_sem"),
                "ratio_train_s_per_step_ecm_vs_fullft": results["ecm"]["train_s_per_step"]
                / results["fullft"]["train_s_per_step"]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    claims = ecm_claims(summary)
+    write_summary(out, {"method": "ecm", **summary}, claims)
     _print_and_write(console, summary, out)
-    return summary
+    return {"method": "ecm", **summary, "claims": [asdict(c) for c in claims]}
+
+
+def ecm_claims(summary: dict[str, Any]) -> list[Claim]:
+    """The demo contract's claims from the summary's paired F1 margin and train s/step ratio (:data:`TARGETS`)."""
+    return [claim("canny_f1_margin", summary["margin_f1_ecm_vs_base"], TARGETS["canny_f1_margin"]),
+            claim("epoch_cost_ratio", summary["ratio_train_s_per_step_ecm_vs_fullft"], TARGETS["epoch_cost_ratio"])]
 
 
 def _print_and_write(console: Console, s: dict[str, Any], out: Path) -> None:
@@ -239,5 +212,27 @@ def _print_and_write(console: Console, s: dict[str, Any], out: Path) -> None:
     console.print(f"F1 margin ECM vs uncontrolled base: {margin}; ECM/full-FT train s/step "
                   f"{ratio:.2f}; total {s['total_s']:.0f} s; stage times {stages}")
     console.print(f"checkpoints, sample grids (samples/*.png) and offline W&B runs under {out}/<stage>/")
+    claims, _ = claims_table([out])
     (out / "results.md").write_text("\n".join(lines) + f"\n\nmargin {margin}, ECM/full-FT "
-                                    f"train s/step {ratio:.2f}, total {s['total_s']:.0f} s ({stages})\n")
+                                    f"train s/step {ratio:.2f}, total {s['total_s']:.0f} s ({stages})\n\n"
+                                    f"```\n{claims}\n```\n")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``ctrlgen demo ecm`` options."""
+    p.add_argument("--fast", action="store_true", help="a tenth of the steps and a quarter of the data (smoke run)")
+    p.add_argument("--steps", default="", metavar="STAGE=N,...",
+                   help="override steps per stage, e.g. vqvae=600,var=800 (stages: vqvae, var, ecm, fullft)")
+    p.add_argument("--sequential", action="store_true",
+                   help="run the full-fine-tune branch after the ECM branch instead of in a parallel process")
+
+
+def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> dict[str, Any]:
+    """``ctrlgen demo ecm``: parse ``--steps`` and run :func:`run_demo` into ``args.out``."""
+    steps: dict[str, int] = {}
+    for item in filter(None, args.steps.split(",")):
+        name, _, n = item.partition("=")
+        if name not in DEFAULT_STEPS or not n.isdigit() or int(n) < 1:
+            p.error(f"--steps: bad item {item!r}; expected STAGE=N with STAGE in {sorted(DEFAULT_STEPS)} and N >= 1")
+        steps[name] = int(n)
+    return run_demo(Path(args.out), fast=args.fast, steps=steps, parallel=not args.sequential)
