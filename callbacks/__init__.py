@@ -2,6 +2,7 @@
 
 from ctrlgen.callbacks.checkpoint import RunCheckpoint
 from ctrlgen.callbacks.data_health import DataHealthCallback
+from ctrlgen.callbacks.histogram import StepValueHistogram, log_histogram
 from ctrlgen.callbacks.hpc_prune import HPCCheckpointPrune, SafeRequeue
 from ctrlgen.callbacks.images import ImageGridLogger, make_grid
 from ctrlgen.callbacks.predictions import PredictionWriter
@@ -11,4 +12,5 @@ from ctrlgen.callbacks.throughput import ThroughputCallback
 from ctrlgen.callbacks.wandb_config import WandbSaveConfig
 
 __all__ = ["DataHealthCallback", "HPCCheckpointPrune", "ImageGridLogger", "PredictionWriter", "RNGStateCallback",
-           "RunCheckpoint", "SafeRequeue", "TestResultsWriter", "ThroughputCallback", "WandbSaveConfig", "make_grid"]
+           "RunCheckpoint", "SafeRequeue", "StepValueHistogram", "TestResultsWriter", "ThroughputCallback",
+           "WandbSaveConfig", "log_histogram", "make_grid"]
