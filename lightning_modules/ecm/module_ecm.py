@@ -211,7 +211,7 @@ class ECMModule(VARBase):
                 self.log(f"test/{k}", float(v), sync_dist=False)
             self.gen_metrics.reset()
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Controlled samples for the batch; a batch whose images all exist (``_done``, PredictionWriter) is skipped.
         A partly written batch is regenerated whole (same seed → same images) and only the missing ones returned."""
         done = batch.get("_done", torch.zeros(len(batch["key"]), dtype=torch.bool)).bool().cpu()
