@@ -98,7 +98,8 @@ def _bad(records: list[tuple[str, Any, bool, bool]]) -> list[str]:
     return out
 
 
-TINY_VAR = ["--model.init_args.var_preset=tiny", "--model.init_args.var_overrides={embed_dim: 32, num_heads: 2, depth: 2}"]
+TINY_VAR = ["--model.init_args.var_preset=tiny",
+            "--model.init_args.var_overrides={embed_dim: 32, num_heads: 2, depth: 2}"]
 
 
 def _args(shards, root, config, extra=()):
