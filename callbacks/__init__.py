@@ -3,6 +3,7 @@
 from ctrlgen.callbacks.checkpoint import RunCheckpoint
 from ctrlgen.callbacks.data_health import DataHealthCallback
 from ctrlgen.callbacks.ema import EMA
+from ctrlgen.callbacks.histogram import StepValueHistogram, log_histogram
 from ctrlgen.callbacks.hpc_prune import HPCCheckpointPrune, SafeRequeue
 from ctrlgen.callbacks.images import ImageGridLogger, make_grid
 from ctrlgen.callbacks.predictions import PredictionWriter
@@ -13,4 +14,5 @@ from ctrlgen.callbacks.throughput import ThroughputCallback
 from ctrlgen.callbacks.wandb_config import WandbSaveConfig
 
 __all__ = ["EMA", "DataHealthCallback", "GracefulStop", "HPCCheckpointPrune", "ImageGridLogger", "PredictionWriter",
-           "RNGStateCallback", "RunCheckpoint", "SafeRequeue", "TestResultsWriter", "ThroughputCallback", "WandbSaveConfig", "make_grid"]
+           "RNGStateCallback", "RunCheckpoint", "SafeRequeue", "StepValueHistogram", "TestResultsWriter",
+           "ThroughputCallback", "WandbSaveConfig", "log_histogram", "make_grid"]

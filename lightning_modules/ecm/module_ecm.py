@@ -9,15 +9,12 @@ same control net and data, the VAR trainable too, full sequences (cost/quality c
 from __future__ import annotations
 
 import zlib
-from collections import Counter
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ctrlgen.datamodules.base import ResumableDataModule
 from ctrlgen.lightning_modules.common.base import batch_seed, decay_groups, global_seed
-from ctrlgen.lightning_modules.common.histogram import log_histogram
 from ctrlgen.lightning_modules.ecm.bases import load_weights
 from ctrlgen.lightning_modules.ecm.control import ECMControlNet
 from ctrlgen.lightning_modules.ecm.module_var import VARBase
@@ -60,9 +57,6 @@ class ECMModule(VARBase):
                                                   "control.cond_encoder.")
             rank_zero_info(f"ECMModule: condition encoder initialised from {self.cond_encoder_info['path']}")
         self.sync_across_ranks = sync_across_ranks
-        # optimizer step -> training batches at that step, this epoch (histogram of s: s is a function of step and rank)
-        self._trunc_steps: Counter[int] = Counter()
-        self._resumed_trunc_steps: dict[str, Any] | None = None  # the same, from a mid-epoch checkpoint
         self.control.grad_checkpointing = self.var.grad_checkpointing
         self.finetune_base = finetune_base
         self.frozen_prefixes = ("vqvae.",) if finetune_base else ("vqvae.", "var.")
@@ -80,6 +74,9 @@ class ECMModule(VARBase):
                            "sequences (an ablation); the full-fine-tune baseline of ecm.md uses full sequences "
                            "(leave early_centric unset or false)")
         self.trunc_probs = normalize_trunc_probs(trunc_probs or _default_trunc(K), K)
+        # the histogram of s (callbacks.StepValueHistogram(value=kept_scale)): bins 0..K-1, the scales that occur
+        self.kept_scale_bins = K
+        self.kept_scale_support = tuple(sorted(self.trunc_probs)) if self.early_centric else (K - 1,)
         switch = K - 2 if temp_switch_scale is None else temp_switch_scale
         self.temperatures = temperature_schedule(K, temp_schedule, temp_high, temp_low, switch)
         self.cfg_control, self.edge_extractor, self.eval_base = cfg_control, edge_extractor, eval_base
@@ -137,6 +134,11 @@ class ECMModule(VARBase):
         own = None if self.sync_across_ranks else trunc_generator(batch_seed(global_seed(), rank), step)
         return draw_trunc_scale(self.trunc_probs, global_seed(), step, generator=own)
 
+    def kept_scale(self, step: int, rank: int) -> int:
+        """Last scale a training batch of optimizer step ``step`` on ``rank`` keeps: ``trunc_scale`` when
+        early-centric, else the last scale (full sequences)."""
+        return self.trunc_scale(step, rank) if self.early_centric else len(self.var.patch_nums) - 1
+
     def model_step(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
         s = self.trunc_scale(self.global_step, self.global_rank) if stage == "train" and self.early_centric else None
         idx = self.tokens(batch, s)
@@ -144,47 +146,12 @@ class ECMModule(VARBase):
         logits = self.control(self.var, batch["label"].long(), x, cond_img=batch["cond"], prog_si=s,
                               type_idx=self._type_idx(batch))
         out = self.ce(logits, idx)
-        out["tokens"] = torch.tensor(float(self.tokens_in_step))  # set by ce(): B x kept tokens
+        out["tokens"] = float(self.tokens_in_step)  # set by ce(): B x kept tokens; a number (synced on any device)
         if stage == "train":
-            out["trunc_scale"] = torch.tensor(float(len(self.var.patch_nums) - 1 if s is None else s))
-            self._trunc_steps[self.global_step] += 1
+            out["trunc_scale"] = float(len(self.var.patch_nums) - 1 if s is None else s)
             for j, g in enumerate(self.control.gate_values()):
                 out[f"gate{j}"] = g
         return out
-
-    def on_train_epoch_end(self) -> None:
-        """Histogram of s (spec §2.5): the fraction of this epoch's training batches (all ranks) truncated after each
-        scale, as ``train/trunc_frac_s{k}`` scalars and, with a W&B logger, one ``train/trunc_scale_hist``. After a
-        mid-epoch resume the batches before the checkpoint count too: their steps travel in the checkpoint and each
-        rank redraws its s from them."""
-        K, steps, self._trunc_steps = len(self.var.patch_nums), self._trunc_steps, Counter()
-        resumed, self._resumed_trunc_steps = self._resumed_trunc_steps, None
-        if resumed is not None and resumed["data_epoch"] is not None and resumed["data_epoch"] == self._data_epoch():
-            steps.update({int(k): int(n) for k, n in resumed["steps"].items()})
-        mine = [0.0] * K
-        for step, n in steps.items():
-            mine[self.trunc_scale(step, self.global_rank) if self.early_centric else K - 1] += n
-        counts = self.trainer.strategy.reduce(torch.tensor(mine, device=self.device), reduce_op="sum").cpu()
-        total = float(counts.sum())
-        if not total:
-            return
-        for k in sorted(set(self.trunc_probs) if self.early_centric else {K - 1}):
-            self.log(f"train/trunc_frac_s{k}", float(counts[k]) / total, sync_dist=False)
-        log_histogram(self, "train/trunc_scale_hist", counts.tolist(), list(range(K + 1)))
-
-    def _data_epoch(self) -> int | None:
-        """The training stream's epoch (a resumable datamodule counts it; Lightning's counter can be one ahead after
-        ``max_steps``), or None without one."""
-        dm = getattr(self._trainer, "datamodule", None)
-        return dm.state_dict().get("epoch") if isinstance(dm, ResumableDataModule) else None
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["ctrlgen_trunc_steps"] = {"data_epoch": self._data_epoch(), "steps": dict(self._trunc_steps)}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self._resumed_trunc_steps = checkpoint.get("ctrlgen_trunc_steps")
 
     def _score_control(self, batch: dict[str, Any], images: torch.Tensor, stage: str, f1: Any,
                        depth: Any) -> torch.Tensor | None:
@@ -209,7 +176,7 @@ class ECMModule(VARBase):
             self._score_control(batch, self.sample(batch, control=True), "val", self.val_f1, self.val_depth_rmse)
         return loss
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """Teacher-forced CE per scale, then metrics of controlled samples (and of the base without control)."""
         loss = self._step(batch, "test")
         ecm = self.sample(batch, control=True)
@@ -244,7 +211,7 @@ class ECMModule(VARBase):
                 self.log(f"test/{k}", float(v), sync_dist=False)
             self.gen_metrics.reset()
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Controlled samples for the batch; a batch whose images all exist (``_done``, PredictionWriter) is skipped.
         A partly written batch is regenerated whole (same seed → same images) and only the missing ones returned."""
         done = batch.get("_done", torch.zeros(len(batch["key"]), dtype=torch.bool)).bool().cpu()

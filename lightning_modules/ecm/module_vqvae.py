@@ -36,8 +36,8 @@ class VQVAEModule(BaseGenModule):
         out = {"loss": rec_l + self.vq_weight * vq_loss, "recon": rec_l.detach(), "vq": vq_loss.detach(),
                "psnr": (10 * torch.log10(4.0 / (rec.detach() - img).pow(2).mean().clamp_min(1e-10)))}
         if usages is not None:
-            out["codebook_usage_last_scale"] = torch.tensor(float(usages[-1]))
-            out["codebook_usage_mean"] = torch.tensor(float(sum(usages) / len(usages)))
+            out["codebook_usage_last_scale"] = float(usages[-1])  # numbers: synced on any device
+            out["codebook_usage_mean"] = float(sum(usages) / len(usages))
         return out
 
     @torch.no_grad()

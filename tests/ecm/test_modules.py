@@ -232,7 +232,8 @@ def test_histogram_of_s_survives_a_mid_epoch_resume(shapes_shards, tmp_path, bas
     straight = fit(tmp_path / "a", 4)
     fit(tmp_path / "b", 2)
     ckpt = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["ctrlgen_trunc_steps"] == {"data_epoch": 0, "steps": {0: 1, 1: 1}}
+    # configs/ecm/demo_ecm.yaml attaches the histogram callback, whose step counts travel in the checkpoint
+    assert ckpt["callbacks"]["StepValueHistogram[kept_scale]"] == {"data_epoch": 0, "steps": {0: 1, 1: 1}}
     resumed = fit(tmp_path / "b", 4, ["--ckpt_path=last"])
     assert straight and resumed == pytest.approx(straight)
     # the check can fail: the resumed half alone (what the histogram counted before) has another distribution
@@ -240,3 +241,21 @@ def test_histogram_of_s_survives_a_mid_epoch_resume(shapes_shards, tmp_path, bas
     drawn = [draw_trunc_scale(probs, 1234, step) for step in range(4)]
     assert {f"train/trunc_frac_s{k}": drawn.count(k) / 4 for k in probs} == pytest.approx(straight)
     assert {f"train/trunc_frac_s{k}": drawn[2:].count(k) / 2 for k in probs} != pytest.approx(straight)
+
+
+def test_every_ecm_recipe_attaches_the_histogram_callback_and_it_checks_the_module():
+    import yaml
+
+    from ctrlgen.callbacks import StepValueHistogram
+
+    recipes = {p.name: yaml.safe_load(p.read_text()) for p in sorted((REPO / "configs" / "ecm").glob("*.yaml"))}
+    ecm = {n: c for n, c in recipes.items() if c["model"]["class_path"].endswith(".ECMModule")}
+    assert {"demo_ecm.yaml", "ecm_d16_canny.yaml", "ecm_d16_canny_fullft.yaml"} <= set(ecm)
+    for name, cfg in ecm.items():
+        cbs = [c for c in cfg["trainer"].get("callbacks+", []) if c["class_path"].endswith(".StepValueHistogram")]
+        assert [c["init_args"]["value"] for c in cbs] == ["kept_scale"], name
+    with pytest.raises(ValueError, match=r"needs one '\{\}'"):
+        StepValueHistogram("kept_scale", "train/trunc_frac", "train/trunc_scale_hist")
+    cb = StepValueHistogram("kept_scale", "train/trunc_frac_s{}", "train/trunc_scale_hist")
+    with pytest.raises(ValueError, match="Linear has no kept_scale, kept_scale_bins, kept_scale_support"):
+        cb.setup(None, torch.nn.Linear(1, 1), "fit")
