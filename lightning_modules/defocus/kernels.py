@@ -46,7 +46,7 @@ def level_grid(max_radius: float, levels: str | Sequence[float] = "geometric", l
             if level_step <= 0:
                 raise ValueError(f"lens.level_step: expected > 0, found {level_step}")
             n = max(1, math.ceil(r / level_step - 1e-9))
-            pos = [min(level_step * (k + 1), r) for k in range(n)]
+            pos = [float(min(level_step * (k + 1), r)) for k in range(n)]
         else:
             if level_ratio <= 1:
                 raise ValueError(f"lens.level_ratio: expected > 1, found {level_ratio}; the spec default is 1.414")
@@ -102,7 +102,8 @@ def _grid(half: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
 
 def disk_kernel(radius: float, edge: str = "linear", dtype: torch.dtype = torch.float32,
                 device: torch.device | str = "cpu") -> Tensor:
-    """Normalised disk kernel of radius |``radius``| px, shape (k, k) with k = 2⌈|ρ|⌉ + 3; radius 0 is the delta.
+    """Normalised disk kernel of radius |``radius``| px on a (2⌈|ρ|⌉ + 3)² support, all-zero outer rings dropped;
+    radius 0 is the delta.
 
     ``linear`` edge: K(u) = clamp(|ρ| + 0.5 − ‖u‖, 0, 1) (pixel-area anti-aliasing); ``tanh`` edge:
     0.5 + 0.5 · tanh(4 (|ρ| − ‖u‖)) (BokehMe's splat profile). [design] ``lens.kernel_edge``.
@@ -113,7 +114,15 @@ def disk_kernel(radius: float, edge: str = "linear", dtype: torch.dtype = torch.
         return torch.ones(1, 1, dtype=dtype, device=device)
     dist = _grid(math.ceil(rad) + 1, dtype, device)
     k = (rad + 0.5 - dist).clamp(0.0, 1.0) if edge == "linear" else 0.5 + 0.5 * torch.tanh(4.0 * (rad - dist))
-    return k / k.sum()
+    return _trim(k / k.sum())
+
+
+def _trim(k: Tensor) -> Tensor:
+    """Drop all-zero outer rings of a square odd kernel (the linear disk of radius 0.5 is the 1×1 delta)."""
+    half = k.shape[-1] // 2
+    nz = torch.nonzero(k)
+    keep = int((nz - half).abs().max()) if nz.numel() else 0
+    return k[half - keep:half + keep + 1, half - keep:half + keep + 1]
 
 
 def gaussian_kernel(radius: float, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
