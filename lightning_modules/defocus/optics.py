@@ -109,7 +109,8 @@ def crop_factor(sensor_width_mm: Number) -> Tensor:
 
 
 def focal35_from_focal(focal_mm: Number, sensor_width_mm: Number) -> Tensor:
-    """35 mm-equivalent focal length of a lens of true focal length ``focal_mm`` on a sensor ``sensor_width_mm`` wide."""
+    """35 mm-equivalent focal length of a lens of true focal length ``focal_mm`` on a sensor ``sensor_width_mm``
+    wide."""
     return _t(focal_mm) * crop_factor(sensor_width_mm)
 
 

@@ -163,7 +163,8 @@ def _check_inputs(image: Tensor, depth_m: Tensor) -> None:
 class LayeredThinLens(LensRenderer):
     """Layered gather renderer (spec §3) [design]. Pixels are softly assigned to signed levels ρ_k (``levels``,
     ``level_ratio``, ``level_step``, ``assign``); per level the premultiplied colour α_k·x and the coverage α_k are
-    convolved with the level's kernel (``kernel_edge``; FFT above ``fft_above_px`` when ``conv`` is auto), giving
+    convolved with the level's kernel (``kernel_edge``; FFT above ``fft_above_px`` when ``conv`` is auto, default
+    kernels.default_fft_above_px), giving
     P̂_k and α̂_k, and composited back to front from the farthest level (largest ρ) to the nearest; the result
     C / max(A, 1e-6) removes border darkening. Gradients w.r.t. r flow only through α (kernels are fixed per level).
     Cost: L · 4 channel convolutions per image.
@@ -181,8 +182,8 @@ class LayeredThinLens(LensRenderer):
     """
 
     def __init__(self, levels: str | list[float] = "geometric", level_ratio: float = 1.414, level_step: float = 1.0,
-                 assign: str = "linear", kernel_edge: str = "linear", conv: str = "auto", fft_above_px: float = 8.0,
-                 occlusion: str = "nonadjacent", **common):
+                 assign: str = "linear", kernel_edge: str = "linear", conv: str = "auto",
+                 fft_above_px: float | None = None, occlusion: str = "nonadjacent", **common):
         super().__init__(**common)
         K._check("assign", assign, K.ASSIGN)
         K._check("kernel_edge", kernel_edge, K.KERNEL_EDGES)
@@ -190,9 +191,9 @@ class LayeredThinLens(LensRenderer):
         K._check("occlusion", occlusion, OCCLUSION)
         K.level_grid(1.0, levels, level_ratio, level_step)  # validates the grid knobs now, not at the first render
         self.levels, self.level_ratio, self.level_step = levels, float(level_ratio), float(level_step)
-        self.assign, self.kernel_edge, self.conv, self.fft_above_px = assign, kernel_edge, conv, float(fft_above_px)
-        self.occlusion = occlusion
-        self._kernels: dict[tuple, Tensor] = {}
+        self.assign, self.kernel_edge, self.conv, self.occlusion = assign, kernel_edge, conv, occlusion
+        self.fft_above_px = None if fft_above_px is None else float(fft_above_px)
+        self._cache: dict[tuple, Tensor] = {}
 
     def grid(self, max_radius: float) -> list[float]:
         """The signed levels used for a radius clamp ``max_radius``."""
@@ -202,10 +203,26 @@ class LayeredThinLens(LensRenderer):
         return K.disk_kernel(rho, self.kernel_edge, dtype, device)
 
     def kernel(self, rho: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-        key = (abs(rho), dtype, str(device))
-        if key not in self._kernels:
-            self._kernels[key] = self.make_kernel(rho, dtype, device)
-        return self._kernels[key]
+        """The level's kernel, built once per (|ρ|, dtype, device)."""
+        key = ("k", abs(rho), dtype, str(device))
+        if key not in self._cache:
+            self._cache[key] = self.make_kernel(rho, dtype, device)
+        return self._cache[key]
+
+    def spectrum(self, rho: float, h: int, w: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The level's kernel spectrum for an H × W map, built once per (|ρ|, H, W, dtype, device)."""
+        key = ("s", abs(rho), h, w, dtype, str(device))
+        if key not in self._cache:
+            kern = self.kernel(rho, dtype, device)
+            self._cache[key] = K.kernel_spectrum(kern, K.fft_size(h, w, kern.shape[-1]))
+        return self._cache[key]
+
+    def _blur_level(self, plane: Tensor, rho: float) -> Tensor:
+        kern = self.kernel(rho, plane.dtype, plane.device)
+        above = K.default_fft_above_px(plane.device) if self.fft_above_px is None else self.fft_above_px
+        if kern.shape[-1] > 1 and (self.conv == "fft" or (self.conv == "auto" and abs(rho) > above)):
+            return K.conv_fft(plane, kern, self.spectrum(rho, *plane.shape[-2:], plane.dtype, plane.device))
+        return K.conv_direct(plane, kern)
 
     def blur_linear(self, x: Tensor, r: Tensor, max_radius: float) -> Tensor:
         rho = self.grid(max_radius)
@@ -214,8 +231,7 @@ class LayeredThinLens(LensRenderer):
         adjacent = torch.zeros_like(behind)  # level k + 1 (nonadjacent only)
         for k in reversed(range(len(rho))):  # farthest (largest ρ) first
             a = alpha[:, k:k + 1]
-            plane = K.conv_same(torch.cat([x * a, a], dim=1), self.kernel(rho[k], x.dtype, x.device), rho[k],
-                                self.conv, self.fft_above_px)  # (P̂_k, α̂_k)
+            plane = self._blur_level(torch.cat([x * a, a], dim=1), rho[k])  # (P̂_k, α̂_k)
             if self.occlusion == "over":
                 behind = plane + (1.0 - plane[:, 3:]) * behind
             else:

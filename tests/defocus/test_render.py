@@ -238,7 +238,8 @@ def test_blur_energy_gradient_in_n_is_negative(method):
 # ----------------------------------------------------------------------------- reference agreement and convergence
 def test_layered_matches_gather_reference_on_a_smooth_ramp():
     """64², smooth depth ramp (no discontinuities), radii from −3 to +8 px: PSNR ≥ 40 dB against the brute-force
-    reference (the spec asks ≥ 30 dB; the plain "over" rule gives 43 dB, the default 57 dB); both blur clearly (PSNR vs the input < 30 dB)."""
+    reference (the spec asks ≥ 30 dB; the plain "over" rule gives 43 dB, the default 57 dB); both blur clearly (PSNR
+    vs the input < 30 dB)."""
     img = texture(64, 64, seed=7)
     depth = depth_ramp(64, 64, 1.5, 20.0)
     lens = Lens(N18, F50, DF2, scale=14.0)
