@@ -75,6 +75,25 @@ def test_point_spread_is_a_flat_disk_of_the_coc_radius(sign):
     assert float(interior.mean()) == pytest.approx(1 / (math.pi * 8**2), rel=0.05), "disk area ≠ π r²"
 
 
+@pytest.mark.parametrize("method", ["layered", "gather"])
+def test_defocused_near_point_over_a_sharp_background(method):
+    """A white pixel at r = −5.66 px (a level) in front of an in-focus black background: around it every pixel gets
+    1 / (π r²) of it (its own disk, normalised by its area; ±10 %), nothing beyond r + 1 px; its own pixel, whose
+    background is hidden, keeps its colour (the coverage normalisation fills the hole with it). Linear light."""
+    img = torch.zeros(1, 3, 40, 40)
+    img[..., 20, 20] = 1.0
+    depth = torch.full((1, 1, 40, 40), DF2)
+    rho = LayeredThinLens().grid(32.0)[5]  # −5.657 px
+    depth[..., 20, 20] = float(depth_for_radius_m(rho, N18, F50, DF2, 40, 20.0))
+    y = render(img, depth, Lens(N18, F50, DF2, scale=20.0), method=method, gamma=1.0, ref_width_px=40)[0, 0]
+    yy, xx = torch.meshgrid(torch.arange(40.0), torch.arange(40.0), indexing="ij")
+    dist = torch.hypot(yy - 20, xx - 20)
+    ring = y[(dist >= 1) & (dist <= abs(rho) - 1)]
+    assert float((ring * math.pi * rho**2 - 1).abs().max()) < 0.1
+    assert float(y[dist > abs(rho) + 1].abs().max()) < 1e-6
+    assert float(y[20, 20]) == pytest.approx(1.0, abs=1e-5)
+
+
 def test_gaussian_variant_spreads_with_sigma_half_radius():
     """GaussianLayered: same interface and energy, per-axis variance (|r|/2)² (= the disk's), peaked, not flat."""
     img = torch.zeros(1, 3, 64, 64)
@@ -305,6 +324,17 @@ def test_batch_independence():
     one = render(img, depth, Lens(1.4, 50.0, 2.0, 3.0), ref_width_px=48)
     two = render(img2, depth2, Lens(4.0, 85.0, 1.5, 1.0), ref_width_px=48)
     assert float((batch - torch.cat([one, two])).abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize("gamma, expect", [(2.2, 0.5 ** (1 / 2.2)), ("srgb", 1.055 * 0.5 ** (1 / 2.4) - 0.055),
+                                           (1.0, 0.5)])
+def test_blur_mixes_in_linear_light(gamma, expect):
+    """A black/white checkerboard blurred by 4 px averages to linear 0.5, which encodes to 0.730 (γ 2.2), 0.735 (sRGB)
+    or 0.5 (γ = 1), not to the encoded mean 0.5."""
+    img = ((torch.arange(32).view(-1, 1) + torch.arange(32).view(1, -1)) % 2).float().expand(1, 3, 32, 32)
+    depth = torch.full((1, 1, 32, 32), float(depth_for_radius_m(4.0, N18, F50, DF2, 32, 20.0)))
+    y = render(img, depth, Lens(N18, F50, DF2, scale=20.0), gamma=gamma, ref_width_px=32)
+    assert float((y[..., 8:24, 8:24] - expect).abs().max()) < 0.03  # the disk weighs the two parities ±4 %
 
 
 def test_clamped_fraction_and_srgb_round_trip():
