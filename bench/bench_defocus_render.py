@@ -6,7 +6,10 @@ within one run: ``--repeats`` timed passes each after one warm-up, forward alone
 (gradients w.r.t. image, depth and the four lens parameters). Reports the median and min ms, the ratio gather / layered and
 the PSNR between the two renders (they differ at the square's edge, where only the layered renderer occludes).
 
-    python bench/bench_defocus_render.py --size 256 --repeats 5
+    python bench/bench_defocus_render.py --size 256 --repeats 5 [--max-radius-px 64]
+
+The gather's cost grows with R² (its window), the layered renderer's with the number of levels (≈ log R) when the
+convolutions run by FFT, so the ratio grows with the radius clamp.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ def parse(argv=None):
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on shared cores)")
+    p.add_argument("--max-radius-px", type=float, default=32.0,
+                   help="lens.max_radius_px (stated at 1024 px; R = this · size / 1024)")
     p.add_argument("--json", default=None, help="also write the result to this file")
     return p.parse_args(argv)
 
@@ -54,7 +59,8 @@ def main(argv=None) -> dict:
 
     img, depth = scene(a.size)
     lens = (1.4, 85.0, 2.0, 1.0)  # the renderer's argument order: N, f35 (mm), d_f (m), s
-    renderers = {"layered": LayeredThinLens(), "gather": GatherReference()}
+    renderers = {"layered": LayeredThinLens(max_radius_px=a.max_radius_px),
+                 "gather": GatherReference(max_radius_px=a.max_radius_px)}
 
     def forward(r):
         with torch.no_grad():
