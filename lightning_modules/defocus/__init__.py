@@ -5,7 +5,15 @@ crop-factor conversions), kernels.py (level grid, soft assignment, disk/Gaussian
 render.py (the differentiable renderers behind one interface: ``LayeredThinLens``, ``GaussianLayered``,
 ``GatherReference``; ``render(image, depth_m, Lens(...), method=...)``).
 """
-from .kernels import assign, assign_linear, assign_softmax, conv_same, disk_kernel, gaussian_kernel, level_grid
+from .kernels import (
+    assign,
+    assign_linear,
+    assign_softmax,
+    conv_same,
+    disk_kernel,
+    gaussian_kernel,
+    level_grid,
+)
 from .optics import (
     FULL_FRAME_WIDTH_MM,
     coc_mm,
@@ -36,3 +44,39 @@ from .render import (
     render,
     to_linear,
 )
+
+__all__ = [
+    "FULL_FRAME_WIDTH_MM",
+    "RENDERERS",
+    "GatherReference",
+    "GaussianLayered",
+    "LayeredThinLens",
+    "Lens",
+    "LensRenderer",
+    "RenderResult",
+    "assign",
+    "assign_linear",
+    "assign_softmax",
+    "coc_mm",
+    "coc_px",
+    "conv_same",
+    "crop_factor",
+    "depth_for_radius_m",
+    "disk_kernel",
+    "focal35_after_crop",
+    "focal35_from_focal",
+    "focal_from_focal35",
+    "focal_px",
+    "from_linear",
+    "gaussian_kernel",
+    "guard_depth_m",
+    "guard_focus_m",
+    "level_grid",
+    "make_renderer",
+    "max_radius_at_width",
+    "px_per_mm",
+    "render",
+    "sensor_width_from_focal_plane",
+    "signed_radius_px",
+    "to_linear",
+]

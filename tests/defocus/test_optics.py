@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from ctrlgen.lightning_modules.defocus import optics
 from ctrlgen.lightning_modules.defocus.optics import coc_mm, coc_px, signed_radius_px
 

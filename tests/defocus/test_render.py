@@ -4,12 +4,12 @@ batch independence and input errors. CPU, float32 unless stated."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from ctrlgen.lightning_modules.defocus import (
     GatherReference,
     GaussianLayered,
@@ -144,7 +144,7 @@ def test_near_far_symmetry():
 def test_radius_map_scaling_in_the_renderer():
     """RenderResult.radius ∝ 1/N, ∝ f²/(d_f − f) and ∝ s, per image of a batch."""
     img, depth = texture(16, 16, batch=3), depth_ramp(16, 16, 1.0, 20.0).expand(3, 1, 16, 16)
-    kw = dict(max_radius_px=1e4, full=True)
+    kw = {"max_radius_px": 1e4, "full": True}
     base = render(img, depth, Lens(torch.tensor([2.0, 4.0, 8.0]), F50, DF2), **kw).radius
     assert torch.allclose(base[1], base[0] / 2, rtol=1e-5) and torch.allclose(base[2], base[0] / 4, rtol=1e-5)
     s = render(img, depth, Lens(2.0, F50, DF2, scale=torch.tensor([1.0, 0.5, 3.0])), **kw).radius
@@ -172,8 +172,8 @@ def test_blur_energy_decreases_and_sharpness_increases_with_n(method):
     ys = [render(img, depth, Lens(n, F50, DF2, scale=20.0), method=method, ref_width_px=48) for n in N_SWEEP]
     energy = [float((y - img).pow(2).sum()) for y in ys]
     sharp = [lap_var(y) for y in ys]
-    assert all(b < a for a, b in zip(energy, energy[1:])), energy
-    assert all(b >= a for a, b in zip(sharp, sharp[1:])), sharp
+    assert all(b < a for a, b in itertools.pairwise(energy)), energy
+    assert all(b >= a for a, b in itertools.pairwise(sharp)), sharp
     assert sharp[0] < 0.5 * lap_var(img), "f/1.4 should blur the ramp visibly"
 
 
@@ -262,7 +262,7 @@ def test_layered_matches_gather_reference_on_a_smooth_ramp():
     img = texture(64, 64, seed=7)
     depth = depth_ramp(64, 64, 1.5, 20.0)
     lens = Lens(N18, F50, DF2, scale=14.0)
-    kw = dict(ref_width_px=64)
+    kw = {"ref_width_px": 64}
     lay = render(img, depth, lens, full=True, **kw)
     ref = render(img, depth, lens, method="gather", **kw)
     assert float(lay.radius.min()) < -2.0 and float(lay.radius.max()) > 7.5
@@ -276,7 +276,7 @@ def test_gather_and_layered_agree_exactly_at_a_level(edge):
     img = texture(40, 40, seed=8)
     rho = LayeredThinLens().grid(32.0)[-6]  # 5.657 px
     depth = torch.full((1, 1, 40, 40), float(depth_for_radius_m(rho, N18, F50, DF2, 40, 20.0)))
-    lens, kw = Lens(N18, F50, DF2, scale=20.0), dict(ref_width_px=40, kernel_edge=edge)
+    lens, kw = Lens(N18, F50, DF2, scale=20.0), {"ref_width_px": 40, "kernel_edge": edge}
     lay, ref = render(img, depth, lens, **kw), render(img, depth, lens, method="gather", **kw)
     assert float((lay - ref).abs().max()) <= 1e-5
     assert float((lay - img).abs().max()) > 0.05
@@ -350,16 +350,16 @@ def test_clamped_fraction_and_srgb_round_trip():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(image=torch.rand(1, 4, 8, 8)), "image must be"),
-    (dict(depth=torch.rand(1, 8, 8)), "depth must be"),
-    (dict(depth=torch.rand(1, 1, 8, 4)), "depth must be"),
-    (dict(lens=Lens(torch.tensor([1.4, 2.0, 4.0]), F50, DF2)), "fnumber"),
-    (dict(method="bokehme"), "render method"),
-    (dict(assign="nearest"), "lens.assign"),
-    (dict(gamma=-1), "lens.gamma"),
+    ({"image": torch.rand(1, 4, 8, 8)}, "image must be"),
+    ({"depth": torch.rand(1, 8, 8)}, "depth must be"),
+    ({"depth": torch.rand(1, 1, 8, 4)}, "depth must be"),
+    ({"lens": Lens(torch.tensor([1.4, 2.0, 4.0]), F50, DF2)}, "fnumber"),
+    ({"method": "bokehme"}, "render method"),
+    ({"assign": "nearest"}, "lens.assign"),
+    ({"gamma": -1}, "lens.gamma"),
 ])
 def test_bad_input_raises_a_clear_error(bad, match):
-    kw = dict(image=torch.rand(2, 3, 8, 8), depth=torch.ones(2, 1, 8, 8), lens=Lens(N18, F50, DF2))
+    kw = {"image": torch.rand(2, 3, 8, 8), "depth": torch.ones(2, 1, 8, 8), "lens": Lens(N18, F50, DF2)}
     kw.update(bad)
     with pytest.raises(ValueError, match=match):
         render(kw.pop("image"), kw.pop("depth"), kw.pop("lens"), **kw)
