@@ -3,8 +3,9 @@
 One scene at ``--size``² (smooth texture, depth ramp 0.7 m → 40 m plus a near square, 85 mm f/1.4 focused at 2 m, so
 radii span −R…+R with R = 32 · size / 1024 px) is rendered by ``LayeredThinLens`` and ``GatherReference`` alternately
 within one run: ``--repeats`` timed passes each after one warm-up, forward alone (no grad) and forward + backward
-(gradients w.r.t. image, depth and the four lens parameters). Reports the median and min ms, the ratio gather / layered and
-the PSNR between the two renders (they differ at the square's edge, where only the layered renderer occludes).
+(gradients w.r.t. image, depth and the four lens parameters). Reports the median and min ms, the ratio gather /
+layered and the PSNR between the two renders (they differ at the square's edge, where only the layered renderer
+occludes).
 
     python bench/bench_defocus_render.py --size 256 --repeats 5 [--max-radius-px 64]
 

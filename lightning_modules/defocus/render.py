@@ -165,8 +165,8 @@ class LayeredThinLens(LensRenderer):
     ``level_ratio``, ``level_step``, ``assign``); per level the premultiplied colour α_k·x and the coverage α_k are
     convolved with the level's kernel (``kernel_edge``; FFT above ``fft_above_px`` when ``conv`` is auto, by default
     kernels.default_fft_above_px), giving P̂_k and α̂_k, and composited back to front from the farthest level
-    (largest ρ) to the nearest; the result C / max(A, 1e-6) removes border darkening. Gradients w.r.t. r flow only through α (kernels are fixed per level).
-    Cost: L · 4 channel convolutions per image.
+    (largest ρ) to the nearest; the result C / max(A, 1e-6) removes border darkening. Gradients w.r.t. r flow only
+    through α (kernels are fixed per level). Cost: L · 4 channel convolutions per image.
 
     ``occlusion`` (``lens.occlusion``) picks the compositing rule:
 
