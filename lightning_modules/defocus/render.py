@@ -292,7 +292,9 @@ def make_renderer(method: str = "layered", **knobs) -> LensRenderer:
 
 
 def render(image: Tensor, depth_m: Tensor, lens: Lens, method: str = "layered", full: bool = False, **knobs):
-    """Render ``image`` with ``depth_m`` through ``lens`` by the named renderer; ``full`` returns a RenderResult."""
+    """Render ``image`` with ``depth_m`` through ``lens`` by the named renderer; ``full`` returns a RenderResult.
+    Builds a renderer per call: for repeated renders keep one from :func:`make_renderer` (it caches its kernels and
+    their spectra)."""
     result = make_renderer(method, **knobs).render_full(image, depth_m, lens.fnumber, lens.focal_mm, lens.focus_m,
                                                         lens.scale)
     return result if full else result.image
