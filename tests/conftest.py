@@ -14,6 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402 - after the environment above
+
+# one intra-op thread per test process: tiny models on a shared 2-core box are many times slower oversubscribed
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

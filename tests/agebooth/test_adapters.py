@@ -26,13 +26,6 @@ from tests.helpers.tiny_lora_module import ATTN_TARGETS, tiny_unet, unet_inputs,
 N_ATTN_LINEARS = 32  # tiny UNet: 4 transformer blocks × (attn1, attn2) × (to_q, to_k, to_v, to_out.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _out(unet, seed=0):
     x, t, ctx = unet_inputs(2, seed)

@@ -14,13 +14,6 @@ SHAPES = {"attn1.to_q": (48, 40), "attn2.to_k": (48, 24)}  # (out, in), two laye
 R = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _lora(seed: int, scale: float = 1.0, r: int = R) -> dict[str, LoraFactors]:
     g = torch.Generator().manual_seed(seed)

@@ -30,15 +30,6 @@ from tests.helpers.tiny_lora_module import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two on a shared 2-core machine (and deterministic)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Toy(nn.Module):
     def __init__(self):
         super().__init__()

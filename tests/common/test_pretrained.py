@@ -18,10 +18,7 @@ from tests.helpers.tiny_lora_module import unet_inputs, write_tiny_pipeline
 
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield write_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"))
-    torch.set_num_threads(n)
+    return write_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"))
 
 
 def _frozen(m: nn.Module) -> bool:

@@ -9,7 +9,6 @@ import torch
 from ctrlgen.lightning_modules.defocus import optics
 from ctrlgen.lightning_modules.defocus.optics import coc_mm, coc_px, signed_radius_px
 
-torch.set_num_threads(1)
 
 # Spec §2 reference table (36 mm sensor, 1024 px, s = 1): f (mm), N, d_f (m), d (m), c (mm), c (px diameter).
 SPEC_TABLE = [

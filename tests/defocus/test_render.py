@@ -19,7 +19,6 @@ from ctrlgen.lightning_modules.defocus import (
     render,
 )
 
-torch.set_num_threads(1)
 F50, N18, DF2 = 50.0, 1.8, 2.0  # the spec's reference lens: 50 mm, f/1.8, focused at 2 m
 
 
