@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import random
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from itertools import count, islice
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ctrlgen.datamodules.seeding import derive_seed
 from ctrlgen.datamodules.shards import SKIPS, LazySample, check_required_keys, resolve_shards
 
 
@@ -43,10 +43,6 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[k] = vals
     return out
-
-
-def _seed(*parts: int | str) -> int:
-    return zlib.crc32(repr(parts).encode())
 
 
 def _worker() -> tuple[int, int]:
@@ -95,7 +91,7 @@ class _Stream(IterableDataset):
         worker, nworkers = _worker()
         epoch = self.start_epoch + self._iters
         self._iters += 1
-        return random.Random(_seed(self.seed, self.rank, worker, epoch)), worker, nworkers
+        return random.Random(derive_seed(self.seed, self.rank, "shards", worker, epoch)), worker, nworkers
 
     def items(self, rng: random.Random, worker: int, nworkers: int) -> Iterator[tuple[str | None, dict]]:
         """Decoded single items with their shard URL (unbatched; corrupt samples skipped and counted)."""
@@ -153,7 +149,7 @@ class _EpochLoader:
 def make_loader(ds: IterableDataset, workers: int, *seed_parts: int | str) -> DataLoader:
     """A DataLoader of already-batched items with its own generator: creating loader iterators must not draw from the
     global RNG (resume reproducibility)."""
-    gen = torch.Generator().manual_seed(_seed(*seed_parts))
+    gen = torch.Generator().manual_seed(derive_seed(*seed_parts))
     return DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                       pin_memory=torch.cuda.is_available(), generator=gen)
 

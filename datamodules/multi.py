@@ -49,7 +49,6 @@ from torch.utils.data import IterableDataset
 
 from ctrlgen.datamodules.base import (
     ResumableDataModule,
-    _seed,
     _Stream,
     _worker,
     collate,
@@ -57,6 +56,7 @@ from ctrlgen.datamodules.base import (
     make_loader,
 )
 from ctrlgen.datamodules.ecm import resize_crop, to_signed
+from ctrlgen.datamodules.seeding import derive_seed
 from ctrlgen.datamodules.shards import SKIPS, check_required_keys, resolve_shards
 
 STREAM_FIELDS = {"train_shards", "val_shards", "test_shards", "batch_size", "eval_batch_size", "keys", "required_keys",
@@ -78,7 +78,7 @@ class _MultiStream(IterableDataset):
         self.mix_batch_size, self.seed, self.rank, self.start_epoch, self._iters = mix_batch_size, seed, rank, start_epoch, 0
 
     def _mixed(self, worker: int, epoch: int) -> Iterator[dict]:
-        rng = random.Random(_seed("mix", self.seed, self.rank, worker, epoch))
+        rng = random.Random(derive_seed("mix", self.seed, self.rank, worker, epoch))
         items = [src.items(*src.epoch_rng()) for src in self.sources]
         while True:
             picks = rng.choices(range(len(items)), weights=self.weights, k=self.mix_batch_size)
@@ -196,7 +196,8 @@ class MultiStreamDataModule(ResumableDataModule):
         rank, world = self.rank_and_world
         spec, train = self.streams[name], stage == "train"
         return _Stream(self.stream_urls(name, stage), lambda s, rng: self.to_item(name, s, rng, stage),
-                       spec["batch_size"] if train else spec["eval_batch_size"], train, seed=_seed(self.seed, name),
+                       spec["batch_size"] if train else spec["eval_batch_size"], train,
+                       seed=derive_seed(self.seed, name),
                        rank=rank, world_size=world, shuffle_buffer=spec["shuffle_buffer"] if train else 0,
                        start_epoch=start_epoch)
 

@@ -57,6 +57,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from ctrlgen.datamodules.seeding import derive_seed
 from ctrlgen.lightning_modules.common.base import BaseGenModule, global_seed
 from ctrlgen.lightning_modules.common.recipe import planned_iterations
 
@@ -219,9 +220,8 @@ class ManualOptimModule(BaseGenModule):
             self.trainer.should_stop = True
 
     def iteration_generator(self, salt: int = 0) -> torch.Generator:
-        """A CPU generator identical on every rank for this iteration, seeded by (global seed, iteration, salt)."""
-        seed = (global_seed() * 0x9E3779B1 + self.iteration * 0x85EBCA77 + salt * 0xC2B2AE3D) % (2**63)
-        return torch.Generator().manual_seed(seed)
+        """A CPU generator identical on every rank for this iteration: ``derive_seed(seed, "iteration", it, salt)``."""
+        return torch.Generator().manual_seed(derive_seed(global_seed(), "iteration", self.iteration, salt))
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
