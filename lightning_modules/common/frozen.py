@@ -180,7 +180,8 @@ def frozen_parameter_ids(root: nn.Module) -> set[int]:
 
 def base_records(root: nn.Module) -> dict[str, dict | None]:
     """``{name: {"path", "sha256"} or None}`` of every frozen component: what a checkpoint records."""
-    return {name: getattr(m, SOURCE_ATTR, None) for name, m in frozen_components(root).items()}
+    records = {name: getattr(m, SOURCE_ATTR, None) for name, m in frozen_components(root).items()}
+    return {name: None if r is None else dict(r) for name, r in records.items()}
 
 
 def provenance_mismatches(saved: dict[str, dict | None], root: nn.Module) -> list[str]:
