@@ -1,6 +1,7 @@
 """Logs training throughput: ``perf/samples_per_sec`` (per rank and × world size) and ``perf/step_time_s``; for
 modules that set ``tokens_in_step`` in their training step (token models: VAR/ECM, policies), ``perf/tokens_per_sec``
-too (per rank and × world size; with truncated sequences, tokens per step vary)."""
+too (per rank and × world size; with truncated sequences, tokens per step vary). Samples per batch:
+``batch_size_of`` (the one batch-size rule; a multi-stream batch counts its first stream)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 import lightning as L
 import torch
+
+from ctrlgen.lightning_modules.common.recipe import batch_size_of
 
 
 class ThroughputCallback(L.Callback):
@@ -29,7 +32,7 @@ class ThroughputCallback(L.Callback):
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         dt = time.perf_counter() - self._t0
-        n = _batch_len(batch)
+        n = batch_size_of(batch)
         if trainer.global_step <= self.warmup_steps or n is None or dt <= 0:
             return
         self.samples_per_sec = n / dt
@@ -41,12 +44,3 @@ class ThroughputCallback(L.Callback):
                          "perf/tokens_per_sec_all_ranks": tokens * trainer.world_size / dt})
         pl_module.log_dict(perf, on_step=True, on_epoch=False, batch_size=1)
 
-
-def _batch_len(batch: Any) -> int | None:
-    if isinstance(batch, dict):
-        for k, v in batch.items():
-            if not str(k).startswith("_") and torch.is_tensor(v) and v.ndim > 0:
-                return int(v.shape[0])
-    if isinstance(batch, (list, tuple)) and batch and torch.is_tensor(batch[0]):
-        return int(batch[0].shape[0])
-    return None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import random
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from itertools import count, islice
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ctrlgen.datamodules.seeding import derive_seed
 from ctrlgen.datamodules.shards import SKIPS, LazySample, check_required_keys, probe_decodable, resolve_shards
 
 # a stream whose last this-many samples/shards all failed, with none decoded since the last good one, stops with an
@@ -47,11 +47,6 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[k] = vals
     return out
-
-
-def stream_seed(*parts: int | str) -> int:
-    """A 32-bit seed that is a function of ``parts`` only (stable across processes and Python versions)."""
-    return zlib.crc32(repr(parts).encode())
 
 
 def worker_info() -> tuple[int, int]:
@@ -112,7 +107,7 @@ class ShardStream(IterableDataset):
         worker, nworkers = worker_info()
         epoch = self.start_epoch + self._iters
         self._iters += 1
-        return random.Random(stream_seed(self.seed, self.rank, worker, epoch)), worker, nworkers
+        return random.Random(derive_seed(self.seed, self.rank, "shards", worker, epoch)), worker, nworkers
 
     def items(self, rng: random.Random, worker: int, nworkers: int) -> Iterator[tuple[str | None, dict]]:
         """Decoded single items with their shard URL (unbatched; corrupt samples skipped and counted)."""
@@ -171,7 +166,7 @@ class _EpochLoader:
 def make_loader(ds: IterableDataset, workers: int, *seed_parts: int | str) -> DataLoader:
     """A DataLoader of already-batched items with its own generator: creating loader iterators must not draw from the
     global RNG (resume reproducibility)."""
-    gen = torch.Generator().manual_seed(stream_seed(*seed_parts))
+    gen = torch.Generator().manual_seed(derive_seed(*seed_parts))
     return DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                       pin_memory=torch.cuda.is_available(), generator=gen)
 

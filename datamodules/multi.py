@@ -53,10 +53,10 @@ from ctrlgen.datamodules.base import (
     collate,
     eval_workers,
     make_loader,
-    stream_seed,
     worker_info,
 )
 from ctrlgen.datamodules.images import resize_crop, to_signed
+from ctrlgen.datamodules.seeding import derive_seed
 from ctrlgen.datamodules.shards import SKIPS, check_required_keys, resolve_shards
 
 STREAM_FIELDS = {"train_shards", "val_shards", "test_shards", "batch_size", "eval_batch_size", "keys", "required_keys",
@@ -78,7 +78,7 @@ class _MultiStream(IterableDataset):
         self.mix_batch_size, self.seed, self.rank, self.start_epoch, self._iters = mix_batch_size, seed, rank, start_epoch, 0
 
     def _mixed(self, worker: int, epoch: int) -> Iterator[dict]:
-        rng = random.Random(stream_seed("mix", self.seed, self.rank, worker, epoch))
+        rng = random.Random(derive_seed("mix", self.seed, self.rank, worker, epoch))
         items = [src.items(*src.epoch_rng()) for src in self.sources]
         while True:
             picks = rng.choices(range(len(items)), weights=self.weights, k=self.mix_batch_size)
@@ -197,7 +197,7 @@ class MultiStreamDataModule(ResumableDataModule):
         spec, train = self.streams[name], stage == "train"
         return ShardStream(self.stream_urls(name, stage), lambda s, rng: self.to_item(name, s, rng, stage),
                            spec["batch_size"] if train else spec["eval_batch_size"], train,
-                           seed=stream_seed(self.seed, name), rank=rank, world_size=world,
+                           seed=derive_seed(self.seed, name), rank=rank, world_size=world,
                            shuffle_buffer=spec["shuffle_buffer"] if train else 0, start_epoch=start_epoch)
 
     # ------------------------------------------------------------------------------------------------- loaders

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset
 
-from ctrlgen.datamodules.base import ResumableDataModule, collate, make_loader, stream_seed, worker_info
+from ctrlgen.datamodules.base import ResumableDataModule, collate, make_loader, worker_info
+from ctrlgen.datamodules.seeding import derive_seed
 from ctrlgen.datamodules.shards import SKIPS, expand_urls, iter_samples, resolve_shards
 
 Prompt = dict[str, Any]
@@ -115,7 +116,7 @@ def load_prompts(spec: str | list[str], prompt_key: str = "prompt", on_bad: str 
 
 def train_indices(n: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
     """This rank's prompts of ``epoch``: disjoint across ranks, ``n // world`` each (the rest dropped this epoch)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(stream_seed("prompts", seed, epoch))).tolist()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed("prompts", seed, epoch))).tolist()
     return perm[: n - n % world][rank::world]
 
 

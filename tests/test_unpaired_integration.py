@@ -7,7 +7,7 @@ Pins fixes to shared code found by these tests (each named test fails without it
 - ``BaseGenModule.validation_step/test_step`` accept ``dataloader_idx`` (Lightning refuses several eval loaders
   otherwise: every test using a fit) and log an overall ``val/loss`` over all loaders, weighted by batch size (the
   checkpoint monitor; Lightning alone only has ``val/loss/dataloader_idx_<i>``): test_logs_per_optimizer_...;
-  ``_batch_size`` looks into nested ``{stream: batch}`` batches for that weighting: test_batch_size_of_nested_...;
+  ``batch_size_of`` looks into nested ``{stream: batch}`` batches for that weighting: test_batch_size_of_nested_...;
 - ``ManualOptimModule`` no longer re-logs an optimizer's last loss/lr/grad_norm at iterations where it sits out
   (Lightning repeats on_step values for the rest of the epoch): test_update_logs_only_on_their_turns;
 - ``DataHealthCallback`` counts a process once: with ``num_workers: 0`` training and evaluation batches carry the same
@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import data as pl_data
 from ctrlgen.callbacks.data_health import DataHealthCallback
 from ctrlgen.datamodules.shards import SKIPS, iter_samples, write_shards
 from ctrlgen.lightning_modules.cli import CtrlgenCLI
-from ctrlgen.lightning_modules.common.base import _batch_size
+from ctrlgen.lightning_modules.common.recipe import batch_size_of as _batch_size
 from tests.conftest import assert_same_state
 
 CONFIG = "tests/configs/tiny_unpaired.yaml"

@@ -19,7 +19,8 @@
   the peft or legacy style, and loaded onto exactly the named layers of a model (new adapter or in place).
 
 Inject adapters in the LightningModule's ``__init__`` so checkpoints (which keep the LoRA keys of frozen bases, see
-``BaseGenModule.on_save_checkpoint``) load into a module that already has them.
+``BaseGenModule.on_save_checkpoint``) load into a module that already has them. A model that gets a trainable adapter
+is a frozen component (``common/frozen.freeze``) whose adapter trains.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+
+from ctrlgen.lightning_modules.common.frozen import freeze
 
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default weight_name
@@ -74,13 +77,14 @@ def lora_parameters(model: nn.Module, adapter: str | None = None) -> Iterator[tu
 
 def set_trainable_adapters(model: nn.Module, adapters: str | Sequence[str] | None) -> int:
     """``requires_grad`` True exactly on the LoRA parameters of ``adapters`` (None: none), False on everything else in
-    ``model``; returns the number of trainable elements."""
+    ``model``, whose base becomes a frozen component (``common/frozen.freeze``: eval mode but for the trainable
+    adapters' dropout, out of optimizer and checkpoints; a recorded source is kept); returns the number of trainable
+    elements."""
     names = [adapters] if isinstance(adapters, str) else list(adapters or [])
-    n = 0
-    for key, p in model.named_parameters():
+    for key, p in lora_parameters(model):
         p.requires_grad_(any(is_lora_key(key, a) for a in names))
-        n += p.numel() if p.requires_grad else 0
-    return n
+    freeze(model)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _activate(model: nn.Module, names: list[str]) -> None:

@@ -80,7 +80,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ctrlgen.lightning_modules.common.base import BaseGenModule, batch_seed, global_seed
+from ctrlgen.datamodules.seeding import derive_seed
+from ctrlgen.lightning_modules.common.base import BaseGenModule, global_seed
 from ctrlgen.lightning_modules.common.recipe import global_batch_size, planned_iterations, scale_lr
 
 
@@ -292,14 +293,13 @@ class ManualOptimModule(BaseGenModule):
             self.trainer.should_stop = True
 
     def iteration_generator(self, salt: int = 0) -> torch.Generator:
-        """A CPU generator identical on every rank for this iteration, seeded by (global seed, iteration, salt)."""
-        seed = (global_seed() * 0x9E3779B1 + self.iteration * 0x85EBCA77 + salt * 0xC2B2AE3D) % (2**63)
-        return torch.Generator().manual_seed(seed)
+        """A CPU generator identical on every rank for this iteration: ``derive_seed(seed, "iteration", it, salt)``."""
+        return torch.Generator().manual_seed(derive_seed(global_seed(), "iteration", self.iteration, salt))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
         if self.accumulate_grad_batches > 1:  # global_step stays put within an iteration: the micro-batch tells apart
-            torch.manual_seed(batch_seed(global_seed(), self.global_rank, self.global_step, self.micro_batch))
+            torch.manual_seed(derive_seed(global_seed(), self.global_rank, self.global_step, self.micro_batch))
 
     # ------------------------------------------------------------------------------------------------ trainer checks
     def _refuse_lightning_accumulation(self) -> None:

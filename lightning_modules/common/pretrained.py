@@ -9,9 +9,10 @@ before loading with the directory, the missing file and what to save there::
     te = load_frozen("transformers.CLIPTextModel", "/models/sdxl/text_encoder")
     pipe = load_frozen("StableDiffusionXLPipeline", "/models/sdxl", dtype="bf16")
 
-Modules come back in eval mode with ``requires_grad=False`` (pipelines: every ``nn.Module`` component); schedulers and
-tokenizers have no weights and come back as loaded. ``local_files_only=True`` is always passed, so ``HF_HUB_OFFLINE``
-and an offline machine behave alike.
+Modules come back as frozen components (``common/frozen.freeze``: eval mode kept through ``train()``, no grads, out of
+optimizer and checkpoints, provenance = path + sha256 of the directory's weight files; pipelines: every ``nn.Module``
+component, each with its subfolder); schedulers and tokenizers have no weights and come back as loaded.
+``local_files_only=True`` is always passed, so ``HF_HUB_OFFLINE`` and an offline machine behave alike.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ctrlgen.lightning_modules.common.frozen import freeze
 from ctrlgen.lightning_modules.common.local_files import require_pretrained_dir
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "32": torch.float32, "fp16": torch.float16,
@@ -74,20 +76,16 @@ MARKERS = {"pipeline": "model_index.json", "scheduler": "scheduler_config.json",
            "processor": "preprocessor_config.json", "model": "config.json"}
 
 
-def freeze(module: nn.Module) -> nn.Module:
-    """Eval mode and ``requires_grad=False`` on every parameter, in place; returns ``module``."""
-    return module.eval().requires_grad_(False)
-
-
 def load_frozen(cls: str | type, path: str | os.PathLike | None, *, subfolder: str | None = None,
                 dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
                 frozen: bool = True, what: str | None = None, example: str | None = None, env: str | None = None,
-                **kwargs: Any) -> Any:
+                config_key: str | None = None, **kwargs: Any) -> Any:
     """``cls.from_pretrained`` on the local directory ``path[/subfolder]`` (or env ``env`` when ``path`` is None).
 
-    ``dtype``: cast on load (models and pipelines); ``device``: moved after loading; ``frozen``: eval and no grads.
-    ``what``/``example`` word the error (defaults: the class name); extra ``kwargs`` go to ``from_pretrained``
-    (e.g. ``variant="fp16"``)."""
+    ``dtype``: cast on load (models and pipelines); ``device``: moved after loading; ``frozen``: a frozen component
+    (``freeze``, with the directory as its source). ``what``/``example`` word the error (defaults: the class name);
+    ``config_key``: the config entry naming ``path``, worded when a checkpoint was made on other files; extra
+    ``kwargs`` go to ``from_pretrained`` (e.g. ``variant="fp16"``)."""
     klass = resolve_class(cls)
     kind = kind_of(klass)
     if path is None and env is not None:
@@ -105,13 +103,14 @@ def load_frozen(cls: str | type, path: str | os.PathLike | None, *, subfolder: s
         if device is not None:
             obj.to(device)
         if frozen:
-            for comp in obj.components.values():
+            for name, comp in obj.components.items():
                 if isinstance(comp, nn.Module):
-                    freeze(comp)
+                    sub = where / name
+                    freeze(comp, source=sub if sub.is_dir() else where, config_key=config_key)
         return obj
     if isinstance(obj, nn.Module):
         if device is not None:
             obj.to(device)
         if frozen:
-            freeze(obj)
+            freeze(obj, source=where, config_key=config_key)
     return obj

@@ -12,6 +12,9 @@ number of epochs. A user on another number of GPUs gets the paper's recipe back 
   this run will make (``planned_iterations``), computed from ``max_steps``/``max_epochs`` and the datamodule's epoch
   length without loading data (FSDP restores the datamodule's resume position only after ``configure_optimizers``).
 
+Batch sizes have one source each: the per-device batch of the run is the datamodule's ``batch_size``
+(:func:`global_batch_size`), the size of a batch in hand is :func:`batch_size_of` (logging weights, throughput).
+
 On resume, the checkpoint's optimizer and scheduler states prevail (its lrs, base lrs and bound length): a run requeued
 on another number of GPUs continues the schedule it started with, at the lr it was planned with.
 """
@@ -21,7 +24,29 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch.optim import Optimizer
+
+
+def batch_size_of(batch: Any) -> int | None:
+    """Leading size of a batch: of the first tensor (≥ 1-D) of a dict batch (keys starting with ``_`` skipped), else
+    of its first nested ``{stream: batch}`` (multi-stream batches; Lightning's own inference warns when the streams'
+    sizes differ); of a list/tuple batch's first tensor or batch. None when nothing has a leading size."""
+    if torch.is_tensor(batch):
+        return int(batch.shape[0]) if batch.ndim > 0 else None
+    if isinstance(batch, dict):
+        items = [v for k, v in batch.items() if not str(k).startswith("_")]
+    elif isinstance(batch, (list, tuple)):
+        items = list(batch)
+    else:
+        return None
+    for v in items:
+        if torch.is_tensor(v) and v.ndim > 0:
+            return int(v.shape[0])
+    for v in items:
+        if isinstance(v, (dict, list, tuple)) and (n := batch_size_of(v)) is not None:
+            return n
+    return None
 
 
 def global_batch_size(trainer: Any, per_device: int | None = None, accumulate: bool = True) -> int:

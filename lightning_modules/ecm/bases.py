@@ -12,7 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from ctrlgen.lightning_modules.ecm.checkpoint import load_state_dict_strict, sha256_of
+from ctrlgen.lightning_modules.common.frozen import sha256_of
+from ctrlgen.lightning_modules.ecm.checkpoint import load_state_dict_strict
 from ctrlgen.lightning_modules.ecm.var import VAR, build_var
 from ctrlgen.lightning_modules.ecm.vqvae import VQVAE, build_vqvae
 

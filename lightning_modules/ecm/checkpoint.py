@@ -9,7 +9,6 @@ built ones, so a fake or corrupt file cannot silently overwrite them.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,18 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ctrlgen.lightning_modules.common.frozen import sha256_of  # noqa: F401 (provenance lives in common)
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 _CONTAINER_KEYS = ("state_dict", "model", "module", "net", "model_state_dict", "params", "ema")
 _MAX_LISTED = 25
-
-
-def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file (streamed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_state_dict_file(path: str | Path) -> Any:

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ctrlgen.lightning_modules.common.frozen import freeze
+
 from .fastpath import raise_recompile_limit
 from .layers import FFN, SelfAttention, ada_modulate
 from .var import VAR, VARHook, drop_labels
@@ -313,7 +315,7 @@ def compile_control(net: ECMControlNet, **compile_kw) -> ECMControlNet:
     return net
 
 
-def freeze_backbone(var: VAR) -> VAR:
-    """requires_grad=False on every VAR parameter and eval mode (spec §2.2)."""
-    var.requires_grad_(False)
-    return var.eval()
+def freeze_backbone(var: VAR, source: str | dict | None = None) -> VAR:
+    """The VAR as a frozen component (spec §2.2, ``common/frozen.freeze``): no grads, eval mode kept through
+    ``train()`` of the module holding it, left out of optimizer and checkpoints; ``source``: its weights file."""
+    return freeze(var, source=source, config_key="model.init_args.var_weights")

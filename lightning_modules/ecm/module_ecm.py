@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ctrlgen.lightning_modules.common.base import batch_seed, decay_groups, global_seed
+from ctrlgen.lightning_modules.common.base import decay_groups, derive_seed, global_seed
+from ctrlgen.lightning_modules.common.frozen import freeze
 from ctrlgen.lightning_modules.ecm.bases import load_weights
 from ctrlgen.lightning_modules.ecm.control import ECMControlNet
 from ctrlgen.lightning_modules.ecm.module_var import VARBase
@@ -59,10 +60,9 @@ class ECMModule(VARBase):
         self.sync_across_ranks = sync_across_ranks
         self.control.grad_checkpointing = self.var.grad_checkpointing
         self.finetune_base = finetune_base
-        self.frozen_prefixes = ("vqvae.",) if finetune_base else ("vqvae.", "var.")
         self.var.cond_drop_rate = 0.0  # class dropout is applied once, by the control net (which copied the rate)
         if not finetune_base:
-            self.var.requires_grad_(False).eval()
+            freeze(self.var, source=self.var_info, config_key="model.init_args.var_weights")
             if var_weights is None:
                 rank_zero_warn("ECMModule: model.init_args.var_weights is not set: adapters train on a RANDOM frozen VAR")
         K = len(self.var.patch_nums)
@@ -101,15 +101,10 @@ class ECMModule(VARBase):
             estimator = TransformersDepthEstimator(depth_estimator_dir)
             self.depth_rmse, self.val_depth_rmse = DepthRMSE(estimator), DepthRMSE(estimator)
 
-    # ------------------------------------------------------------------------------------------------ frozen base
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if not self.finetune_base:
-            self.var.eval()  # no drop-path / class dropout in the frozen backbone (class dropout lives in control)
-        return self
-
     def param_groups(self) -> list[dict]:
-        return decay_groups(((n, p) for n, p in self.named_parameters() if not n.startswith("vqvae.")), _NO_DECAY)
+        """ECM's no-decay list for the control net; with ``finetune_base`` the VAR follows VAR's own list."""
+        return decay_groups(((n, p) for n, p in self.named_parameters() if not n.startswith("vqvae.")), _NO_DECAY,
+                            {"var.": self.no_decay_keys})
 
     # ------------------------------------------------------------------------------------------------------ steps
     def check_datamodule(self, dm: Any) -> None:
@@ -131,7 +126,7 @@ class ECMModule(VARBase):
     def trunc_scale(self, step: int, rank: int) -> int:
         """Last kept scale s for optimizer step ``step`` (spec §2.3): seeded by (seed, step), the same on every rank,
         or with ``sync_across_ranks: false`` by (seed, rank, step); a resumed run draws the same s again."""
-        own = None if self.sync_across_ranks else trunc_generator(batch_seed(global_seed(), rank), step)
+        own = None if self.sync_across_ranks else trunc_generator(derive_seed(global_seed(), rank), step)
         return draw_trunc_scale(self.trunc_probs, global_seed(), step, generator=own)
 
     def kept_scale(self, step: int, rank: int) -> int:

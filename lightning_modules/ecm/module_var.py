@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ctrlgen.lightning_modules.common.base import BaseGenModule, decay_groups
+from ctrlgen.lightning_modules.common.frozen import describe, freeze
 from ctrlgen.lightning_modules.ecm.bases import check_compatible, make_var, make_vqvae
 from ctrlgen.lightning_modules.ecm.losses import token_ce
 from ctrlgen.lightning_modules.ecm.var import SAMPLERS
@@ -25,12 +26,17 @@ def split_codes(codes_BL: torch.Tensor, begin_ends: list[tuple[int, int]], upto:
     return [codes_BL[:, bg:ed] for bg, ed in begin_ends[:n]]
 
 
-def _describe(info: dict | None) -> str:
-    return "random weights (no file)" if info is None else f"{info['path']} (sha256 {info['sha256'][:12]}…)"
+# VAR's train.py: no weight decay on 1-D params and names containing these (class_emb and word_embed do decay)
+VAR_NO_DECAY = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
+                "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")
 
 
 class VARBase(BaseGenModule):
-    """Shared by ``VARModule`` and ``ECMModule``: frozen VQVAE, tokens of a batch, per-scale logging, sampling args."""
+    """Shared by ``VARModule`` and ``ECMModule``: frozen VQVAE, tokens of a batch, per-scale logging, sampling args.
+    ``no_decay_keys``: the VAR's parameter-name substrings kept out of weight decay (VAR's own list by default), for
+    every module that trains the VAR."""
+
+    no_decay_keys: tuple[str, ...] = VAR_NO_DECAY
 
     def __init__(self, var_preset: str, var_overrides: dict | None, var_weights: str | None, vqvae_preset: str,
                  vqvae_overrides: dict | None, vqvae_weights: str | None, loss_norm: str = "kept_mean",
@@ -45,48 +51,14 @@ class VARBase(BaseGenModule):
         the ones this run loads (``on_load_checkpoint``)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"model.init_args.sampler must be one of {'|'.join(SAMPLERS)}, got {sampler!r}")
-        if base_mismatch not in ("error", "warn"):
-            raise ValueError(f"model.init_args.base_mismatch must be 'error' or 'warn', got {base_mismatch!r}")
-        self.base_mismatch = base_mismatch
-        super().__init__(**kwargs)
+        super().__init__(base_mismatch=base_mismatch, **kwargs)
         self.vqvae, self.vqvae_info = make_vqvae(vqvae_preset, vqvae_overrides, vqvae_weights)
         self.var, self.var_info = make_var(var_preset, var_overrides, var_weights)
         check_compatible(self.vqvae, self.var)
         self.var.grad_checkpointing = grad_checkpointing
-        self.vqvae.requires_grad_(False).eval()
+        freeze(self.vqvae, source=self.vqvae_info, config_key="model.init_args.vqvae_weights")
         self.loss_norm, self.label_smoothing = loss_norm, label_smoothing
         self.sample_kwargs = {"cfg": cfg, "top_k": top_k, "top_p": top_p, "sampler": sampler}
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.vqvae.eval()  # frozen tokenizer: never in training mode
-        return self
-
-    # ------------------------------------------------------------------------------------------------ frozen bases
-    def frozen_bases(self) -> dict[str, dict | None]:
-        """The bases left out of this module's checkpoints (reloaded from their own files): name → file info
-        (path, sha256) or None for random weights."""
-        infos = {"vqvae": self.vqvae_info, "var": self.var_info}
-        return {name: info for name, info in infos.items() if f"{name}." in self.frozen_prefixes}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["ctrlgen_bases"] = {n: None if i is None else {"path": i["path"], "sha256": i["sha256"]}
-                                       for n, i in self.frozen_bases().items()}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The checkpoint holds no frozen base: refuse (or warn about) one made on other base files (ecm.md §2.5)."""
-        saved, live = checkpoint.get("ctrlgen_bases") or {}, self.frozen_bases()
-        for name, was in saved.items():
-            now = live.get(name)
-            if name not in live or (was or {}).get("sha256") == (now or {}).get("sha256"):
-                continue
-            msg = (f"this checkpoint was made on the frozen {name} {_describe(was)}, but this run loads "
-                   f"{_describe(now)}: the {name} is not in the checkpoint, so everything it computes would rest on "
-                   f"another base. Point model.init_args.{name}_weights at the original file, or set "
-                   "model.init_args.base_mismatch=warn to go on anyway")
-            self.base_mismatch_found(msg)
-        super().on_load_checkpoint(checkpoint)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -97,12 +69,6 @@ class VARBase(BaseGenModule):
         if self.sample_kwargs["sampler"] == "graph" and dev.type != "cuda":
             raise ValueError(f"model.init_args.sampler 'graph' captures CUDA graphs and needs a CUDA device; this run "
                              f"is on {dev} (use 'static': the same tokens without graphs)")
-
-    def base_mismatch_found(self, msg: str) -> None:
-        """A checkpoint or pre-tokenised data made on other base files: fail, or warn with ``base_mismatch=warn``."""
-        if self.base_mismatch == "error":
-            raise ValueError(msg)
-        rank_zero_warn(msg)
 
     def check_datamodule(self, dm: Any) -> None:
         """Run at ``setup`` against the trainer's datamodule (before training): the data must fit this module."""
@@ -127,10 +93,11 @@ class VARBase(BaseGenModule):
                 sha = rec.get("weights_sha256")
                 if sha is not None and sha == live:
                     continue
-                made_by = _describe({"path": rec.get("weights"), "sha256": sha} if sha else None)
+                made_by = describe({"path": rec.get("weights"), "sha256": sha} if sha else None)
                 self.base_mismatch_found(
                     f"data.init_args.{split}_shards: {meta} records codes of the VQVAE {made_by}, but this run's VQVAE "
-                    f"is {_describe(self.vqvae_info)}: tokenise again with it, or set model.init_args.base_mismatch=warn")
+                    f"is {describe(self.vqvae_info)}: tokenise again with it, or set "
+                    "model.init_args.base_mismatch=warn")
 
     def tokens(self, batch: dict[str, Any], last_si: int | None = None) -> list[torch.Tensor]:
         if "codes" in batch:
@@ -152,13 +119,7 @@ class VARBase(BaseGenModule):
         return out
 
 
-# VAR's train.py: no weight decay on 1-D params and names containing these (class_emb and word_embed do decay)
-VAR_NO_DECAY = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
-                "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")
-
-
 class VARModule(VARBase):
-    frozen_prefixes = ("vqvae.",)
     runtime_args = ("vqvae_weights", "var_weights", "cfg", "top_k", "top_p", "grad_checkpointing", "sampler",
                     "base_mismatch")
 

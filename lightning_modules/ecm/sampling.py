@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ctrlgen.datamodules.seeding import derive_seed
+
 DEFAULT_TRUNC_PROBS: dict[int, float] = {5: 0.2, 7: 0.6, 9: 0.2}
 
 
@@ -183,9 +185,8 @@ def normalize_trunc_probs(trunc_probs: Mapping[int | str, float], num_scales: in
 
 
 def trunc_generator(seed: int, step: int) -> torch.Generator:
-    """CPU generator seeded by (seed, step) — same on every DDP rank (``sync_across_ranks``)."""
-    mixed = (int(seed) * 0x9E3779B1 + int(step) * 0x85EBCA77 + 0x165667B1) % (2**63 - 1)
-    return torch.Generator().manual_seed(mixed)
+    """CPU generator seeded by ``derive_seed(seed, "trunc", step)`` — same on every DDP rank (``sync_across_ranks``)."""
+    return torch.Generator().manual_seed(derive_seed(seed, "trunc", step))
 
 
 def draw_trunc_scale(trunc_probs: Mapping[int | str, float], seed: int, step: int,

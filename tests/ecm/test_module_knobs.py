@@ -153,7 +153,7 @@ def test_dropout_draws_differ_across_ranks_and_repeat_per_batch(monkeypatch):
     """Class dropout, control dropout and drop-path draw from torch's global RNG; BaseGenModule re-seeds it per (seed,
     rank, optimizer step, micro-batch) before every training batch, so ranks drop different rows (Lightning seeds
     every rank alike) and the same step of the same rank draws the same again (also after a resume)."""
-    from ctrlgen.lightning_modules.common.base import batch_seed
+    from ctrlgen.datamodules.seeding import derive_seed
     from ctrlgen.lightning_modules.ecm.var import drop_labels
 
     m = _module("VARModule")
@@ -168,7 +168,7 @@ def test_dropout_draws_differ_across_ranks_and_repeat_per_batch(monkeypatch):
     a = dropped(0, 3)
     assert torch.equal(dropped(0, 3), a) and 0 < int(a.sum()) < 64
     assert not torch.equal(dropped(1, 3), a) and not torch.equal(dropped(0, 4), a)
-    seeds = {batch_seed(7, r, e, b, s) for r in range(2) for e in range(2) for b in range(3) for s in range(3)}
+    seeds = {derive_seed(7, r, e, b, s) for r in range(2) for e in range(2) for b in range(3) for s in range(3)}
     assert len(seeds) == 36 and all(0 <= x < 2**63 for x in seeds)
 
 

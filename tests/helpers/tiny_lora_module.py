@@ -86,7 +86,9 @@ def unet_inputs(batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
 
 
 class TinyLoraModule(BaseGenModule):
-    frozen_prefixes = ("unet.",)
+    """The UNet is a frozen component (``load_frozen``): eval mode but for its LoRA's dropout, only the LoRA in the
+    optimizer and the checkpoint, the directory's sha256 recorded and checked on load."""
+
     runtime_args = ("unet_dir",)
 
     def __init__(self, unet_dir: str | None = None, lora_rank: int = 4, lora_alpha: float | None = None,
@@ -96,18 +98,14 @@ class TinyLoraModule(BaseGenModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         from diffusers import DDPMScheduler
 
-        self.unet = load_frozen("UNet2DConditionModel", unet_dir, what="tiny UNet", example="write_tiny_unet(dir)")
+        self.unet = load_frozen("UNet2DConditionModel", unet_dir, what="tiny UNet", example="write_tiny_unet(dir)",
+                                config_key="model.init_args.unet_dir")
         add_lora(self.unet, lora_targets or ATTN_TARGETS, adapter, r=lora_rank, alpha=lora_alpha,
                  dropout=lora_dropout, init=lora_init, seed=lora_seed)
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
         g = torch.Generator().manual_seed(1)
         self.register_buffer("prompt_embeds", torch.randn(1, 4, CROSS_DIM, generator=g), persistent=False)
         self.seen_t: list[torch.Tensor] = []
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.unet.eval()  # the frozen base never trains (its LoRA dropout is 0 by default)
-        return self
 
     @staticmethod
     def latents(image: torch.Tensor) -> torch.Tensor:
