@@ -185,7 +185,7 @@ def test_fit_logs_the_histogram_of_s_to_wandb(shapes_shards, tmp_path, bases, mo
 
     import wandb
 
-    from tests.utils.wandb_records import history
+    from tests.utils.wandb_records import settled_history
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     wandb.finish()  # a run left open by an earlier test in this process would be reused by WandbLogger
@@ -193,14 +193,16 @@ def test_fit_logs_the_histogram_of_s_to_wandb(shapes_shards, tmp_path, bases, mo
                      "--data.init_args.train_batches_per_epoch=3", "--trainer.log_every_n_steps=1",
                      "--trainer.logger.init_args.id=hist-test", "--model.init_args.val_control_batches=0"])
     wandb.finish()
-    rows = history(next((tmp_path / "wandb").glob("offline-run-*-hist-test/run-*.wandb")))
+    run_file = next((tmp_path / "wandb").glob("offline-run-*-hist-test/run-*.wandb"))
+    rows = settled_history(run_file, lambda rows: sum("train/trunc_scale" in r for r in rows) >= 6
+                           and sum("train/trunc_scale_hist/values" in r for r in rows) >= 2)
     steps = [(r["trainer/global_step"], r["train/trunc_scale"]) for r in rows if "train/trunc_scale" in r]
     hists = [{k.rsplit("/", 1)[1]: v for k, v in r.items() if k.startswith("train/trunc_scale_hist/")} for r in rows
              if "train/trunc_scale_hist/values" in r]  # nested keys: .../_type, .../values, .../bins
     fracs = [{k: v for k, v in r.items() if k.startswith("train/trunc_frac_s")} for r in rows
              if any(k.startswith("train/trunc_frac_s") for k in r)]
-    assert len(steps) == 6 and len(hists) == 2 and len(fracs) == 2
     keys = {k for r in rows for k in r}
+    assert len(steps) == 6 and len(hists) == 2 and len(fracs) == 2, (len(rows), sorted(keys))
     assert "val/loss" in keys and "val/canny_f1" not in keys  # val_control_batches: 0 = CE only in validation
     from ctrlgen.lightning_modules.ecm.scales import TINY_PATCH_NUMS
 

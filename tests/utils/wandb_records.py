@@ -60,6 +60,19 @@ def history(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def settled_history(path: str | Path, done: Any, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """``history(path)`` once ``done(rows)`` holds, re-reading while W&B's writer process may still be flushing the
+    offline file (``wandb.finish`` can return first on a loaded machine); the last read after ``timeout`` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    rows = history(path)
+    while not done(rows) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        rows = history(path)
+    return rows
+
+
 def config_keys(path: str | Path) -> set[str]:
     keys: set[str] = set()
     for rec in records(path):
