@@ -143,13 +143,14 @@ def read_exif(data: bytes, missing: str = "drop") -> dict[str, Any]:
     absent), ``exif_source`` {field: tag used} and ``exif_missing`` {field: reason} for every None or fallback. A file
     without EXIF gives Nones with the reason ``no EXIF``. Raises only when the bytes are not an image.
     """
+    broken = None
     with Image.open(io.BytesIO(data)) as im:
         raw_w, raw_h = im.size
-        exif = im.getexif()
-    try:
-        sub = exif.get_ifd(ExifTags.IFD.Exif)
-    except Exception:  # noqa: BLE001 - a broken sub-IFD pointer means no Exif tags, not an unreadable image
-        sub = {}
+        try:
+            exif = im.getexif()
+            sub = exif.get_ifd(ExifTags.IFD.Exif)
+        except Exception as e:  # noqa: BLE001 - a corrupt EXIF block means no camera record, not an unreadable image
+            exif, sub, broken = Image.Exif(), {}, f"unreadable EXIF ({type(e).__name__}: {e})"
     rec: dict[str, Any] = {"exif_source": {}, "exif_missing": {}}
     orient, _ = rational(exif.get(TAG_ORIENTATION))
     orient = int(orient) if orient is not None and 1 <= orient <= 8 else 1
@@ -157,7 +158,7 @@ def read_exif(data: bytes, missing: str = "drop") -> dict[str, Any]:
     rec["width"], rec["height"] = (raw_h, raw_w) if orient in TRANSPOSED else (raw_w, raw_h)
     if not len(exif) and not len(sub):
         rec.update(fnumber=None, focal_mm=None, focal35_mm=None, dof=None)
-        rec["exif_missing"] = {k: "no EXIF" for k in ("fnumber", "focal_mm", "focal35_mm")}
+        rec["exif_missing"] = {k: broken or "no EXIF" for k in ("fnumber", "focal_mm", "focal35_mm")}
         return rec
     n, src, why = fnumber_from_tags(_tag(exif, sub, TAG_FNUMBER), _tag(exif, sub, TAG_APERTURE_VALUE))
     rec["fnumber"] = n
@@ -185,9 +186,13 @@ def read_exif(data: bytes, missing: str = "drop") -> dict[str, Any]:
 
 def upright(data: bytes) -> np.ndarray | None:
     """The image rotated/flipped by its EXIF orientation (``ImageOps.exif_transpose``) as uint8 RGB, or None when the
-    orientation is 1 or absent (the stored pixels are already upright)."""
+    orientation is 1, absent or invalid (the stored pixels are used as they are)."""
     with Image.open(io.BytesIO(data)) as im:
-        if im.getexif().get(TAG_ORIENTATION, 1) in (1, None):
+        try:
+            orientation = im.getexif().get(TAG_ORIENTATION, 1)
+        except Exception:  # noqa: BLE001 - corrupt EXIF: keep the stored pixels
+            return None
+        if orientation not in range(2, 9):
             return None
         return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 

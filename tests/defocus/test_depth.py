@@ -86,6 +86,8 @@ def test_reload_offline_frozen_and_differentiable(tmp_path, build, output):
     opt.step()
     assert x.grad is not None and bool(torch.isfinite(x.grad).all())
     assert all(torch.equal(v, est.state_dict()[k]) for k, v in before.items())
+    plain = build_depth_estimator("transformers", tmp_path / "m", checkpoint=False, size=28)
+    assert torch.allclose(plain(x), depth, atol=1e-6)  # checkpointing flags do not change the result
 
 
 def test_softplus_head_gives_pixel_gradients_and_nondegenerate_depth(tmp_path):
