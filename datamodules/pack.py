@@ -62,6 +62,7 @@ def pack_folder(
     image_format: str = "jpg",
     overwrite: bool = False,
     allow_unlabelled: bool = False,
+    exif: bool = False,
 ) -> dict[str, Any]:
     """Pack an image folder into shards. ``labels`` is an optional JSON {relative path or stem: int | str | dict}.
 
@@ -74,6 +75,10 @@ def pack_folder(
     images without an entry fail the pack, listed, unless ``allow_unlabelled``. Unreadable files are skipped, named
     with the reason, and counted in the returned summary. Existing shards of ``out_pattern``: see
     :func:`check_out_pattern`.
+
+    ``exif``: read the camera record of each file's original bytes (defocus.exif.read_exif: f-number, focal lengths,
+    depth-of-field split, upright size, reasons for missing values) into the sample's ``json``; a dict label is merged
+    over it (its keys win). Images with an EXIF rotation are stored upright (re-encoded) so pixels and record agree.
     """
     from rich.progress import track
 
@@ -121,6 +126,13 @@ def pack_folder(
             except Exception as e:  # noqa: BLE001 - any decoder failure means the file is unusable
                 bad.append((rel, describe_error(e, rel)))
                 continue
+            record = None
+            if exif:
+                from ctrlgen.lightning_modules.defocus.exif import read_exif, upright
+
+                record, turned = read_exif(data), upright(data)
+                if turned is not None:
+                    pixels, is_jpeg = turned, False
             if image_format == "png":
                 data = encode_png(pixels)
             elif not is_jpeg:
@@ -133,6 +145,8 @@ def pack_folder(
                 sample["txt"] = m
             elif isinstance(m, dict):
                 sample["json"] = m
+            if record is not None:
+                sample["json"] = {**record, **sample.get("json", {})}
             yield sample
 
     shards = write_shards(gen(), out_pattern, maxcount=maxcount, maxsize=maxsize)

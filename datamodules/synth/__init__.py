@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WORLDS = ("shapes",)
+WORLDS = ("shapes", "scenes")  # shapes: geometry + classes (ECM); scenes: depth + focus + EXIF (defocus)
 
 
 def synth(world: str, out_dir: str | Path, n_train: int = 512, n_val: int = 64, n_test: int = 64, size: int = 64,
@@ -12,13 +12,15 @@ def synth(world: str, out_dir: str | Path, n_train: int = 512, n_val: int = 64, 
     """Write ``{out_dir}/{split}-%06d.tar`` shards of a world; returns the shard paths per split."""
     from ctrlgen.datamodules.shards import write_shards
 
-    if world != "shapes":
+    if world not in WORLDS:
         raise ValueError(f"unknown synthetic world {world!r}; available: {WORLDS}")
-    from ctrlgen.datamodules.synth import shapes
+    import importlib
+
+    module = importlib.import_module(f"ctrlgen.datamodules.synth.{world}")
 
     out = {}
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         if n > 0:
-            out[split] = write_shards(shapes.samples(seed, split, n, size), str(Path(out_dir) / f"{split}-%06d.tar"),
+            out[split] = write_shards(module.samples(seed, split, n, size), str(Path(out_dir) / f"{split}-%06d.tar"),
                                       maxcount=shard_size)
     return out

@@ -27,6 +27,7 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--maxsize", type=float, default=1e9)
     k.add_argument("--shuffle-seed", type=int, default=0, help="order of the files in the shards (-1: sorted paths; "
                    "keep the default for class-per-folder trees such as ImageNet)")
+    k.add_argument("--exif", action="store_true", help="store each file's camera EXIF record in its json (defocus)")
     i = sub.add_parser("inspect", help="count samples and keys per shard")
     i.add_argument("shards")
     r = sub.add_parser("refstats", help="Inception statistics (.npz) of a dataset for FID")
@@ -66,7 +67,7 @@ def main(argv: list[str]) -> None:
         from ctrlgen.datamodules.pack import pack_folder
 
         rep = pack_folder(args.src, args.out, args.labels, args.maxcount, args.maxsize,
-                          shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed)
+                          shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed, exif=args.exif)
         print(f"packed {rep['written']} images into {len(rep['shards'])} shards; skipped {rep['skipped']} unreadable")
         for rel, why in rep["skipped_files"]:
             print(f"  skipped {rel}: {why}")
