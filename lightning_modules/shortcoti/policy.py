@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from ctrlgen.lightning_modules.common.local_files import require_pretrained_dir
+from torch import nn
 
 SPECIAL_TOKENS = {
     "pad": "<pad>", "bos": "<bos>", "eos": "<eos>", "unk": "<unk>", "boi": "<begin_of_image>",
@@ -31,19 +30,23 @@ SPECIAL_TOKENS = {
 BOI_TOKEN = SPECIAL_TOKENS["boi"]  # Janus' begin-of-image tag, the same string in Janus-Pro's tokenizer
 
 # The synthetic GenEval-style world (objects, colours, counts, positions), the reasoning template and CoT words.
-WORLD_WORDS = tuple(dict.fromkeys("""
-a an the one two three four five six seven eight zero no some many several of and with in on at to is are
-red green blue yellow purple orange black white pink brown gray cyan
-cube cubes sphere spheres ball balls square squares circle circles triangle triangles star stars disk disks
-ring rings cross crosses heart hearts box boxes cone cones object objects shape shapes
-left right above below top bottom under over behind front next near beside middle center centre side
-small large big tiny bright dark plain background image picture scene canvas color colour colors placed
-you are helpful assistant that receives prompt and generate visualization give brief precise describe
-be concise words or less rules follow keep it count position only each exactly there sits lies stands
-this shows draw draws drawn drawing see visible clearly against simple flat smooth edges edge shaped
-first second then also while which where its their it has have very quite nicely
-""".split()))
-PUNCTUATION = tuple(". , : ; ! ? ( ) ' \" -".split())
+WORLD_WORDS = (
+    "a", "an", "the", "one", "two", "three", "four", "five", "six", "seven", "eight", "zero", "no", "some", "many",
+    "several", "of", "and", "with", "in", "on", "at", "to", "is", "are", "red", "green", "blue", "yellow", "purple",
+    "orange", "black", "white", "pink", "brown", "gray", "cyan", "cube", "cubes", "sphere", "spheres", "ball",
+    "balls", "square", "squares", "circle", "circles", "triangle", "triangles", "star", "stars", "disk", "disks",
+    "ring", "rings", "cross", "crosses", "heart", "hearts", "box", "boxes", "cone", "cones", "object", "objects",
+    "shape", "shapes", "left", "right", "above", "below", "top", "bottom", "under", "over", "behind", "front",
+    "next", "near", "beside", "middle", "center", "centre", "side", "small", "large", "big", "tiny", "bright",
+    "dark", "plain", "background", "image", "picture", "scene", "canvas", "color", "colour", "colors", "placed",
+    "you", "helpful", "assistant", "that", "receives", "prompt", "generate", "visualization", "give", "brief",
+    "precise", "describe", "be", "concise", "words", "or", "less", "rules", "follow", "keep", "it", "count",
+    "position", "only", "each", "exactly", "there", "sits", "lies", "stands", "this", "shows", "draw", "draws",
+    "drawn", "drawing", "see", "visible", "clearly", "against", "simple", "flat", "smooth", "edges", "edge",
+    "shaped", "first", "second", "then", "also", "while", "which", "where", "its", "their", "has", "have", "very",
+    "quite", "nicely",
+)
+PUNCTUATION = (".", ",", ":", ";", "!", "?", "(", ")", "'", '"', "-")
 
 
 def build_world_tokenizer(words: tuple[str, ...] = WORLD_WORDS, extra_words: tuple[str, ...] = ()):
@@ -107,18 +110,19 @@ class TinyJanusSpec:
         if vocab < len(tokenizer):
             raise ValueError(f"tiny Janus: vocab_size {vocab} < tokenizer size {len(tokenizer)}; raise vocab_size or "
                              "set it to 0 (the tokenizer's size rounded up)")
-        text = dict(vocab_size=vocab, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-                    num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
-                    num_key_value_heads=self.num_kv_heads, max_position_embeddings=self.max_position_embeddings,
-                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id, initializer_range=self.init_std)
-        vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                      image_size=self.image_size, patch_size=self.patch_size,
-                      num_image_tokens=self.num_image_tokens, projection_dim=self.hidden_size, depth=1, mlp_ratio=2)
-        vq = dict(num_embeddings=self.codebook_size, embed_dim=self.code_dim, base_channels=self.vq_channels,
-                  latent_channels=self.vq_channels, channel_multiplier=list(self.channel_multiplier),
-                  num_res_blocks=1, projection_dim=self.hidden_size, image_token_embed_dim=self.hidden_size,
-                  num_hidden_layers=1)
+        text = {"vocab_size": vocab, "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+                "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+                "num_key_value_heads": self.num_kv_heads, "max_position_embeddings": self.max_position_embeddings,
+                "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id, "initializer_range": self.init_std}
+        vision = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+                  "image_size": self.image_size, "patch_size": self.patch_size,
+                  "num_image_tokens": self.num_image_tokens, "projection_dim": self.hidden_size, "depth": 1,
+                  "mlp_ratio": 2}
+        vq = {"num_embeddings": self.codebook_size, "embed_dim": self.code_dim, "base_channels": self.vq_channels,
+              "latent_channels": self.vq_channels, "channel_multiplier": list(self.channel_multiplier),
+              "num_res_blocks": 1, "projection_dim": self.hidden_size, "image_token_embed_dim": self.hidden_size,
+              "num_hidden_layers": 1}
         cfg = JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
                           image_token_id=tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["image"]))
         cfg._attn_implementation = self.attn_implementation
@@ -180,8 +184,8 @@ class JanusPolicy(nn.Module):
         """Model and tokenizer from one local ``save_pretrained`` directory (``local_files_only=True``)."""
         from transformers import AutoTokenizer, JanusForConditionalGeneration
 
-        where = require_pretrained_dir(path, "Janus policy", "deepseek-community/Janus-Pro-1B (or -7B) in transformers' "
-                                       "format with its tokenizer")
+        where = require_pretrained_dir(path, "Janus policy", "deepseek-community/Janus-Pro-1B (or -7B) in "
+                                       "transformers' format with its tokenizer")
         if not (where / "tokenizer_config.json").is_file():
             raise FileNotFoundError(f"Janus policy directory {str(where)!r} has no tokenizer_config.json: save the "
                                     "tokenizer there too (tokenizer.save_pretrained(dir))")
@@ -210,7 +214,8 @@ class JanusPolicy(nn.Module):
         for name in ("vision_model", "aligner", "vqmodel", "generation_embeddings", "generation_aligner",
                      "generation_head"):
             freeze_module(getattr(inner, name))
-        unknown = [n for n, _ in self.model.named_parameters() if not n.startswith(FROZEN_PREFIXES + TRAINABLE_PREFIXES)]
+        known = FROZEN_PREFIXES + TRAINABLE_PREFIXES
+        unknown = [n for n, _ in self.model.named_parameters() if not n.startswith(known)]
         if unknown:
             raise RuntimeError(f"Janus parameters outside the known trainable/frozen parts: {unknown[:5]}; update "
                                "FROZEN_PREFIXES/TRAINABLE_PREFIXES in shortcoti/policy.py")

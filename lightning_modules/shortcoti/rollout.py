@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-
 from ctrlgen.lightning_modules.shortcoti.grpo import token_logprobs
 
 LAYOUTS = ("halves", "interleaved")
@@ -180,7 +179,7 @@ def mix_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Ten
 @dataclass
 class CotRollout:
     """Level-1 rollout of B rows: ``prompt_ids``/``prompt_mask`` (B, P) left-padded, ``ids`` (B, C) (pad after the
-    first EOS), ``mask`` (B, C) bool up to and including the first EOS, ``logp`` (B, C) float32 (float64 for a float64 model) sampling
+    first EOS), ``mask`` (B, C) bool up to and including the first EOS, ``logp`` (B, C) float32 recorded sampling
     log-probs (0 under mask 0), ``texts`` the decoded CoTs (special tokens dropped)."""
 
     prompt_ids: torch.Tensor
@@ -198,7 +197,7 @@ def generate_cot(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sa
 
     gen = GenerationConfig(
         do_sample=sampling.do_sample, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-        max_new_tokens=sampling.max_new_tokens, num_beams=1, repetition_penalty=1.0, min_new_tokens=0,
+        max_length=prompt_ids.shape[1] + sampling.max_new_tokens, num_beams=1, repetition_penalty=1.0,
         bos_token_id=policy.bos_token_id, eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
         return_dict_in_generate=True, output_scores=True,
     )

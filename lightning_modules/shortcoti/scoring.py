@@ -16,7 +16,6 @@ On the same rollout and weights these equal the log-probs the samplers recorded,
 from __future__ import annotations
 
 import torch
-
 from ctrlgen.lightning_modules.shortcoti.grpo import token_logprobs
 from ctrlgen.lightning_modules.shortcoti.rollout import (
     CotRollout,
@@ -36,8 +35,9 @@ IMAGE_LOGP = ("guided", "cond")
 
 def score_cot(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cot_ids: torch.Tensor,
               sampling: SamplingConfig) -> torch.Tensor:
-    """Per-token log-probs (B, C) float32 (float64 for a float64 model) of ``cot_ids`` after the left-padded prompt, under the CoT's sampling
-    distribution. Tokens after the first EOS get values too; mask them with the rollout's mask."""
+    """Per-token log-probs (B, C) of ``cot_ids`` after the left-padded prompt under the CoT's sampling distribution
+    (float32; float64 for a float64 model). Tokens after the first EOS get values too: mask them with the rollout's
+    mask."""
     C = cot_ids.shape[1]
     ids = torch.cat([prompt_ids, cot_ids], dim=1)
     mask = torch.cat([prompt_mask, torch.ones_like(cot_ids)], dim=1)
@@ -51,12 +51,13 @@ def score_cot(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cot_i
 
 def score_image(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor,
                 sampling: ImageSamplingConfig, image_logp: str = "guided") -> torch.Tensor:
-    """Per-token log-probs (B, N) float32 (float64 model: float64) of image ``tokens`` after the image prompt (ending in BOI)."""
+    """Per-token log-probs (B, N) of image ``tokens`` after the image prompt (ending in BOI); float32 (float64 for a
+    float64 model)."""
     if image_logp not in IMAGE_LOGP:
         raise ValueError(f"image_logp must be one of {IMAGE_LOGP}, got {image_logp!r}")
     if tokens.shape[1] != policy.num_image_tokens:
         raise ValueError(f"image rollouts have exactly {policy.num_image_tokens} tokens, got {tokens.shape[1]}")
-    B, P = prompt_ids.shape
+    P = prompt_ids.shape[1]
     N, layout = tokens.shape[1], sampling.layout
     if image_logp == "guided":
         ids, mask = cfg_inputs(prompt_ids, prompt_mask, policy.bos_token_id, policy.boi_token_id,
