@@ -26,8 +26,17 @@ from dataclasses import dataclass, field
 
 import torch
 from ctrlgen.lightning_modules.shortcoti.grpo import token_logprobs
+from ctrlgen.lightning_modules.shortcoti.scoring import (
+    LAYOUTS,
+    cfg_inputs,
+    completion_mask,
+    double_rows,
+    mix_cfg,
+    position_ids,
+    split_rows,
+    warp_logits,
+)
 
-LAYOUTS = ("halves", "interleaved")
 REASONING_TEMPLATE = ("Describe a brief , precise visualization of this image prompt : {prompt} . Say what each "
                       "object looks like , its colour , count and position . Be concise ( 50 words or less ) .")
 COT_SYSTEM = "You are a helpful assistant that receives an image prompt and generate a visualization of the prompt ."
@@ -119,62 +128,6 @@ def encode_left_padded(tokenizer, texts: Sequence[str], bos_id: int, pad_id: int
     return ids, mask
 
 
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Positions counting only attended tokens (HF text mode's rule): cumsum(mask) − 1, pads at 1."""
-    pos = mask.long().cumsum(-1) - 1
-    return pos.masked_fill(mask == 0, 1)
-
-
-def completion_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Tokens up to and including the first EOS of each row: (B, C) → bool (B, C)."""
-    is_eos = (ids == eos_id).long()
-    return (is_eos.cumsum(1) - is_eos) == 0
-
-
-def warp_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """HF's sampling warpers in HF's order (temperature, top-k, top-p) on (…, V) logits; off at 1.0 / 0 / 1.0."""
-    from transformers import TopKLogitsWarper, TopPLogitsWarper
-
-    scores = logits / temperature if temperature != 1.0 else logits
-    if top_k or top_p < 1.0:
-        flat = scores.reshape(-1, scores.shape[-1])
-        if top_k:
-            flat = TopKLogitsWarper(top_k)(None, flat)
-        if top_p < 1.0:
-            flat = TopPLogitsWarper(top_p)(None, flat)
-        scores = flat.reshape(scores.shape)
-    return scores
-
-
-def cfg_inputs(ids: torch.Tensor, mask: torch.Tensor, bos_id: int, boi_id: int, pad_id: int,
-               layout: str = "halves") -> tuple[torch.Tensor, torch.Tensor]:
-    """[cond; uncond] rows (2B, P): uncond = ``ids`` with every token but BOS and BOI replaced by pad; the mask is
-    shared (an uncond row attends its pads where the cond row attends its text)."""
-    uncond = ids.masked_fill((ids != bos_id) & (ids != boi_id), pad_id)
-    return double_rows(ids, uncond, layout), double_rows(mask, mask, layout)
-
-
-def double_rows(cond: torch.Tensor, uncond: torch.Tensor, layout: str) -> torch.Tensor:
-    """Join cond and uncond rows: ``halves`` [cond; uncond], ``interleaved`` cond₀, uncond₀, cond₁, …"""
-    if layout == "halves":
-        return torch.cat([cond, uncond], dim=0)
-    if layout == "interleaved":
-        return torch.stack([cond, uncond], dim=1).flatten(0, 1)
-    raise ValueError(f"cfg layout must be one of {LAYOUTS}, got {layout!r}")
-
-
-def split_rows(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`double_rows`: (2B, …) → cond (B, …), uncond (B, …)."""
-    if layout == "halves":
-        return x.chunk(2, dim=0)
-    return x[0::2], x[1::2]
-
-
-def mix_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance uncond + scale·(cond − uncond), in transformers' operation order."""
-    return uncond + (cond - uncond) * scale
-
-
 # ------------------------------------------------------------------------------------------------------- CoT
 @dataclass
 class CotRollout:
@@ -244,10 +197,12 @@ class ImageRollout:
 @torch.no_grad()
 def sample_image_tokens(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: ImageSamplingConfig,
                         generator: torch.Generator | None = None, cache=None, return_logits: bool = False,
-                        forced_tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                        forced_tokens: torch.Tensor | None = None, decode_step=None) -> dict[str, torch.Tensor]:
     """The KV-cache CFG loop (module docstring): exactly ``policy.num_image_tokens`` steps. ``cache``: a fresh
-    transformers cache for 2B rows (default ``DynamicCache``; a ``StaticCache`` of length ≥ P + N works too).
-    ``forced_tokens`` (B, N) feeds given tokens instead of drawing (to compare logits against another sampler)."""
+    transformers cache for 2B rows (default ``DynamicCache``; a ``StaticCache`` of length ≥ P + N gets the full
+    attention mask every step, a fixed shape). ``forced_tokens`` (B, N) feeds given tokens instead of drawing (to
+    compare logits against another sampler). ``decode_step`` replaces :func:`lm_step` after the prefill (e.g. a
+    ``torch.compile``d one over a static cache)."""
     from transformers import DynamicCache
 
     B, P = prompt_ids.shape
@@ -258,15 +213,16 @@ def sample_image_tokens(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
     embeds = policy.embed_text(ids2)
     pos = position_ids(mask2)
     cache = DynamicCache(config=policy.model.config.text_config) if cache is None else cache
+    static = bool(getattr(cache, "is_compileable", False))
     device = prompt_ids.device
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
     logp = torch.empty(B, N, dtype=torch.float64 if embeds.dtype == torch.float64 else torch.float32, device=device)
     cond_logp = torch.empty_like(logp)
     raw: list[tuple[torch.Tensor, torch.Tensor]] = []
     for i in range(N):
-        hidden = policy.language_model(inputs_embeds=embeds, attention_mask=full_mask[:, :P + i], position_ids=pos,
-                                       cache=cache, use_cache=True).last_hidden_state[:, -1]
-        cond, uncond = split_rows(policy.generation_head(hidden), layout)
+        step = lm_step if i == 0 or decode_step is None else decode_step
+        logits = step(policy, embeds, full_mask if static else full_mask[:, :P + i], pos, cache)
+        cond, uncond = split_rows(logits, layout)
         scores = warp_logits(mix_cfg(cond, uncond, sampling.cfg), sampling.temperature, sampling.top_k,
                              sampling.top_p)
         if forced_tokens is not None:
@@ -287,6 +243,33 @@ def sample_image_tokens(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
         out["cond_logits"] = torch.stack([c for c, _ in raw], dim=1)
         out["uncond_logits"] = torch.stack([u for _, u in raw], dim=1)
     return out
+
+
+def lm_step(policy, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+    """One cached language-model step on (2B, T, D) embeddings → generation-head logits of the last position."""
+    hidden = policy.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, cache=cache,
+                                   use_cache=True).last_hidden_state[:, -1]
+    return policy.generation_head(hidden)
+
+
+@torch.no_grad()
+def hf_image_generate(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: ImageSamplingConfig,
+                      logits_processor=None) -> torch.Tensor:
+    """transformers' own image-mode ``generate`` with the same explicit sampling fields (the cross-check and the
+    benchmark baseline): [cond; uncond] halves, static cache, no per-step log-probs. A ``LogitsProcessor`` in
+    ``logits_processor`` sees the raw [cond; uncond] logits before CFG. Returns tokens (B, N)."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    if sampling.layout != "halves":
+        raise ValueError("HF image-mode generate only has the 'halves' layout")
+    gen = GenerationConfig(
+        do_sample=sampling.do_sample, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+        guidance_scale=sampling.cfg, num_beams=1, bos_token_id=policy.bos_token_id,
+        pad_token_id=policy.pad_token_id, eos_token_id=policy.eos_token_id,
+        generation_kwargs={"boi_token_id": policy.boi_token_id},
+    )
+    return policy.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen,
+                                 generation_mode="image", logits_processor=LogitsProcessorList(logits_processor or []))
 
 
 def rollout_image(policy, prompts: Sequence[str], cots: Sequence[str], sampling: ImageSamplingConfig,

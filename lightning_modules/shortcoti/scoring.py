@@ -1,4 +1,6 @@
-"""Teacher-forced per-token log-probs of a two-level rollout, for the GRPO loss (spec §2.3, §3.1, §4).
+"""Teacher-forced per-token log-probs of a two-level rollout, for the GRPO loss (spec §2.3, §3.1, §4), and the
+distribution maths the samplers of :mod:`ctrlgen.lightning_modules.shortcoti.rollout` share with it (positions from
+the mask, [cond; uncond] rows, CFG mix, HF's warpers), so that sampling and scoring use one definition.
 
 Two batched forwards, with gradient when called under grad:
 
@@ -15,23 +17,81 @@ On the same rollout and weights these equal the log-probs the samplers recorded,
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from ctrlgen.lightning_modules.shortcoti.grpo import token_logprobs
-from ctrlgen.lightning_modules.shortcoti.rollout import (
-    CotRollout,
-    ImageRollout,
-    ImageSamplingConfig,
-    SamplingConfig,
-    cfg_inputs,
-    double_rows,
-    mix_cfg,
-    position_ids,
-    split_rows,
-    warp_logits,
-)
+
+if TYPE_CHECKING:
+    from ctrlgen.lightning_modules.shortcoti.rollout import (
+        CotRollout,
+        ImageRollout,
+        ImageSamplingConfig,
+        SamplingConfig,
+    )
 
 IMAGE_LOGP = ("guided", "cond")
+LAYOUTS = ("halves", "interleaved")
 
+
+# ------------------------------------------------------------------ distribution maths shared with the samplers
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting only attended tokens (HF text mode's rule): cumsum(mask) − 1, pads at 1."""
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 1)
+
+
+def completion_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Tokens up to and including the first EOS of each row: (B, C) → bool (B, C)."""
+    is_eos = (ids == eos_id).long()
+    return (is_eos.cumsum(1) - is_eos) == 0
+
+
+def warp_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """HF's sampling warpers in HF's order (temperature, top-k, top-p) on (…, V) logits; off at 1.0 / 0 / 1.0."""
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    scores = logits / temperature if temperature != 1.0 else logits
+    if top_k or top_p < 1.0:
+        flat = scores.reshape(-1, scores.shape[-1])
+        if top_k:
+            flat = TopKLogitsWarper(top_k)(None, flat)
+        if top_p < 1.0:
+            flat = TopPLogitsWarper(top_p)(None, flat)
+        scores = flat.reshape(scores.shape)
+    return scores
+
+
+def cfg_inputs(ids: torch.Tensor, mask: torch.Tensor, bos_id: int, boi_id: int, pad_id: int,
+               layout: str = "halves") -> tuple[torch.Tensor, torch.Tensor]:
+    """[cond; uncond] rows (2B, P): uncond = ``ids`` with every token but BOS and BOI replaced by pad; the mask is
+    shared (an uncond row attends its pads where the cond row attends its text)."""
+    uncond = ids.masked_fill((ids != bos_id) & (ids != boi_id), pad_id)
+    return double_rows(ids, uncond, layout), double_rows(mask, mask, layout)
+
+
+def double_rows(cond: torch.Tensor, uncond: torch.Tensor, layout: str) -> torch.Tensor:
+    """Join cond and uncond rows: ``halves`` [cond; uncond], ``interleaved`` cond₀, uncond₀, cond₁, …"""
+    if layout == "halves":
+        return torch.cat([cond, uncond], dim=0)
+    if layout == "interleaved":
+        return torch.stack([cond, uncond], dim=1).flatten(0, 1)
+    raise ValueError(f"cfg layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def split_rows(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`double_rows`: (2B, …) → cond (B, …), uncond (B, …)."""
+    if layout == "halves":
+        return x.chunk(2, dim=0)
+    return x[0::2], x[1::2]
+
+
+def mix_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance uncond + scale·(cond − uncond), in transformers' operation order."""
+    return uncond + (cond - uncond) * scale
+
+
+# --------------------------------------------------------------------------------------- teacher-forced scoring
 
 def score_cot(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cot_ids: torch.Tensor,
               sampling: SamplingConfig) -> torch.Tensor:

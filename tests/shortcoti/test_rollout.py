@@ -9,20 +9,21 @@ from ctrlgen.lightning_modules.shortcoti.rollout import (
     ImageSamplingConfig,
     PromptTemplate,
     SamplingConfig,
-    cfg_inputs,
-    completion_mask,
-    double_rows,
     encode_left_padded,
+    hf_image_generate,
     rollout_cot,
     rollout_image,
     sample_image_tokens,
-    split_rows,
     two_level_rollout,
 )
 from ctrlgen.lightning_modules.shortcoti.scoring import (
+    cfg_inputs,
+    completion_mask,
+    double_rows,
     score_cot,
     score_image,
     score_rollout,
+    split_rows,
 )
 
 torch.set_num_threads(1)
@@ -149,7 +150,7 @@ def test_score_rollout_is_differentiable_and_masks_the_cot(policy):
 def test_own_image_loop_reproduces_hf_image_generate(policy, rows):
     """Same seed → same tokens as HF image-mode ``generate`` (top_k=0); a LogitsProcessor captures HF's raw
     [cond; uncond] logits per step, which equal the loop's when it is fed HF's tokens."""
-    from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+    from transformers import LogitsProcessor
 
     class Capture(LogitsProcessor):
         def __init__(self):
@@ -161,13 +162,9 @@ def test_own_image_loop_reproduces_hf_image_generate(policy, rows):
 
     ids, mask = _image_prompt(policy)
     ids, mask = ids[-rows:], mask[-rows:]
-    gen = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, guidance_scale=5.0,
-                           bos_token_id=policy.bos_token_id, pad_token_id=policy.pad_token_id,
-                           eos_token_id=policy.eos_token_id, generation_kwargs={"boi_token_id": policy.boi_token_id})
     cap = Capture()
     torch.manual_seed(7)
-    hf = policy.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, generation_mode="image",
-                               logits_processor=LogitsProcessorList([cap]))
+    hf = hf_image_generate(policy, ids, mask, ImageSamplingConfig(cfg=5.0), logits_processor=[cap])
     torch.manual_seed(7)
     ours = sample_image_tokens(policy, ids, mask, ImageSamplingConfig(cfg=5.0))
     assert torch.equal(ours["tokens"], hf)
@@ -178,6 +175,18 @@ def test_own_image_loop_reproduces_hf_image_generate(policy, rows):
     assert (raw[:rows] - forced["cond_logits"]).abs().max() <= 1e-5
     assert (raw[rows:] - forced["uncond_logits"]).abs().max() <= 1e-5
     assert (raw[:rows] - raw[rows:]).abs().max() > 1e-2
+
+
+def test_static_cache_gives_the_same_rollout_as_the_dynamic_one(policy):
+    from transformers import StaticCache
+
+    ids, mask = _image_prompt(policy)
+    sampling = ImageSamplingConfig(cfg=5.0)
+    dynamic = sample_image_tokens(policy, ids, mask, sampling, generator=torch.Generator().manual_seed(5))
+    cache = StaticCache(config=policy.model.config.text_config, max_cache_len=ids.shape[1] + policy.num_image_tokens)
+    static = sample_image_tokens(policy, ids, mask, sampling, generator=torch.Generator().manual_seed(5), cache=cache)
+    assert torch.equal(static["tokens"], dynamic["tokens"])
+    assert (static["logp"] - dynamic["logp"]).abs().max() <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------- explicit sampling
