@@ -244,3 +244,28 @@ def test_image_rollout_has_exactly_the_image_token_count_and_uses_the_cot(policy
     assert ". " not in text1.split("<|Assistant|>")[0].split(":", 1)[1].strip()[-2:]
     other = rollout_image(policy, PROMPTS[:1], ["blue star"], ImageSamplingConfig(), decode=False)
     assert other.images is None and other.logp.shape == (1, policy.num_image_tokens)
+
+
+# ------------------------------------------------------------------------------------------------------ benches
+def _bench(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cpu_loop_bench_smoke(tmp_path):
+    res = _bench("bench_shortcoti_loop").main(["--rows", "2", "--image-size", "32", "--repeats", "1",
+                                               "--json", str(tmp_path / "b.json")])
+    assert res["same_tokens_as_hf"] and res["image_tokens"] == 16 and (tmp_path / "b.json").exists()
+    assert set(res["median_ms"]) == {"hf", "ours", "ours_static", "score"} and min(res["median_ms"].values()) > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_gpu_bench_exits_with_a_message_without_cuda():
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        _bench("gpu_shortcoti").main(["--repeats", "1"])
