@@ -89,7 +89,7 @@ def _check_warpers(temperature: float, top_k: int, top_p: float, what: str) -> N
 class PromptTemplate:
     """Janus' chat format ``"{system}\\n\\n<|User|>: {text}\\n\\n<|Assistant|>:"`` (no system part when empty) for the
     CoT prompt (``reasoning`` with ``{prompt}``, system ``cot_system``) and the image prompt (``"{prompt}. {CoT}"``,
-    system ``image_system``, BOI appended as a token id)."""
+    the prompt alone for an empty CoT; system ``image_system``; BOI appended as a token id)."""
 
     reasoning: str = REASONING_TEMPLATE
     cot_system: str = COT_SYSTEM
