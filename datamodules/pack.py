@@ -14,7 +14,9 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
 
 from PIL import Image
 
@@ -62,7 +64,7 @@ def pack_folder(
     image_format: str = "jpg",
     overwrite: bool = False,
     allow_unlabelled: bool = False,
-    exif: bool = False,
+    metadata: Callable[[bytes], tuple[dict[str, Any], np.ndarray | None]] | None = None,
 ) -> dict[str, Any]:
     """Pack an image folder into shards. ``labels`` is an optional JSON {relative path or stem: int | str | dict}.
 
@@ -76,9 +78,10 @@ def pack_folder(
     with the reason, and counted in the returned summary. Existing shards of ``out_pattern``: see
     :func:`check_out_pattern`.
 
-    ``exif``: read the camera record of each file's original bytes (defocus.exif.read_exif: f-number, focal lengths,
-    depth-of-field split, upright size, reasons for missing values) into the sample's ``json``; a dict label is merged
-    over it (its keys win). Images with an EXIF rotation are stored upright (re-encoded) so pixels and record agree.
+    ``metadata``: a function of each file's original bytes → (record, upright pixels or None), e.g. the Defocus
+    camera record (``ctrlgen data pack --exif``: f-number, focal lengths, depth-of-field split, upright size); the
+    record goes into the sample's ``json`` with a dict label merged over it (its keys win), and pixels it returns
+    (an image with an EXIF rotation, turned upright) are stored instead of the file's, so pixels and record agree.
     """
     from rich.progress import track
 
@@ -127,10 +130,8 @@ def pack_folder(
                 bad.append((rel, describe_error(e, rel)))
                 continue
             record = None
-            if exif:
-                from ctrlgen.lightning_modules.defocus.exif import read_exif, upright
-
-                record, turned = read_exif(data), upright(data)
+            if metadata is not None:
+                record, turned = metadata(data)
                 if turned is not None:
                     pixels, is_jpeg = turned, False
             if image_format == "png":

@@ -19,7 +19,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402 - after the environment above
 
 # one intra-op thread per test process: tiny models on a shared 2-core box are many times slower oversubscribed
-torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +77,6 @@ def run_cli_recorded(tmp_path: Path, recorder_src: str, args: list[str], ranks: 
 
 def assert_same_state(sa: dict, sb: dict, atol: float = 1e-6) -> None:
     """Two state dicts hold the same keys and values equal within ``atol`` (resume == uninterrupted run)."""
-    import torch
 
     assert sa.keys() == sb.keys(), sorted(set(sa) ^ set(sb))[:10]
     for k, a in sa.items():

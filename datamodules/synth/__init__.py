@@ -1,10 +1,17 @@
-"""Deterministic synthetic worlds that write real WebDataset shards (for demos and tests); one module per world."""
+"""Deterministic synthetic worlds that write real WebDataset shards (for demos and tests); one module per world.
+
+A world is a module with ``samples(seed, split, n, size)``, registered here by import path: shared worlds live in
+this package, a method's own world in its method package (``scenes`` renders with the Defocus lens code), so this
+shared registry imports none of them until one is asked for."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-WORLDS = ("shapes", "scenes")  # shapes: geometry + classes (ECM); scenes: depth + focus + EXIF (defocus)
+WORLDS = {  # name -> module
+    "shapes": "ctrlgen.datamodules.synth.shapes",  # geometry + classes (ECM, platform tests)
+    "scenes": "ctrlgen.lightning_modules.defocus.world",  # metric depth + subject + camera record (Defocus)
+}
 
 
 def synth(world: str, out_dir: str | Path, n_train: int = 512, n_val: int = 64, n_test: int = 64, size: int = 64,
@@ -13,10 +20,10 @@ def synth(world: str, out_dir: str | Path, n_train: int = 512, n_val: int = 64, 
     from ctrlgen.datamodules.shards import write_shards
 
     if world not in WORLDS:
-        raise ValueError(f"unknown synthetic world {world!r}; available: {WORLDS}")
+        raise ValueError(f"unknown synthetic world {world!r}; available: {', '.join(WORLDS)}")
     import importlib
 
-    module = importlib.import_module(f"ctrlgen.datamodules.synth.{world}")
+    module = importlib.import_module(WORLDS[world])
 
     out = {}
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):

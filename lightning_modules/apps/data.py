@@ -65,9 +65,11 @@ def main(argv: list[str]) -> None:
             print(f"{split}: {len(paths)} shards in {args.out}")
     elif args.tool == "pack":
         from ctrlgen.datamodules.pack import pack_folder
+        from ctrlgen.lightning_modules.defocus.exif import camera_record
 
         rep = pack_folder(args.src, args.out, args.labels, args.maxcount, args.maxsize,
-                          shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed, exif=args.exif)
+                          shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed,
+                          metadata=camera_record if args.exif else None)
         print(f"packed {rep['written']} images into {len(rep['shards'])} shards; skipped {rep['skipped']} unreadable")
         for rel, why in rep["skipped_files"]:
             print(f"  skipped {rel}: {why}")

@@ -197,6 +197,12 @@ def upright(data: bytes) -> np.ndarray | None:
         return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
+def camera_record(data: bytes) -> tuple[dict[str, Any], np.ndarray | None]:
+    """``pack_folder(metadata=...)`` for ``ctrlgen data pack --exif``: the file's :func:`read_exif` record and its
+    upright pixels (None when no rotation is needed)."""
+    return read_exif(data), upright(data)
+
+
 def after_crop(record: dict[str, Any], crop_width: int, crop_height: int) -> dict[str, Any]:
     """The record of an upright image cropped to ``crop_width`` × ``crop_height``: a crop narrows the field of view, so
     f35 becomes f35 · W_before / W_after (optics.focal35_after_crop) and the split is re-applied; resizing needs no

@@ -22,12 +22,17 @@ Draws use torch's global RNG unless a ``generator`` is given (HF ``generate`` al
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from ctrlgen.lightning_modules.shortcoti.grpo import token_logprobs
+from ctrlgen.lightning_modules.shortcoti.rollout_types import (  # noqa: F401 - re-exported with the rollouts
+    CotRollout,
+    ImageRollout,
+    ImageSamplingConfig,
+    SamplingConfig,
+)
 from ctrlgen.lightning_modules.shortcoti.scoring import (
-    LAYOUTS,
     cfg_inputs,
     completion_mask,
     double_rows,
@@ -40,49 +45,6 @@ from ctrlgen.lightning_modules.shortcoti.scoring import (
 REASONING_TEMPLATE = ("Describe a brief , precise visualization of this image prompt : {prompt} . Say what each "
                       "object looks like , its colour , count and position . Be concise ( 50 words or less ) .")
 COT_SYSTEM = "You are a helpful assistant that receives an image prompt and generate a visualization of the prompt ."
-
-
-@dataclass
-class SamplingConfig:
-    """CoT sampling, passed to HF ``generate`` field by field: ``top_k=0`` and ``top_p=1.0`` switch truncation off
-    (the sampled distribution is then softmax(logits / temperature))."""
-
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-
-    def __post_init__(self) -> None:
-        _check_warpers(self.temperature, self.top_k, self.top_p, "cot")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"cot max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-
-@dataclass
-class ImageSamplingConfig:
-    """Image-token sampling: guidance scale ``cfg`` (guided = uncond + cfg·(cond − uncond)), ``temperature``,
-    ``top_k`` (0: off), ``top_p`` (1.0: off), ``layout`` of the [cond; uncond] rows: ``halves`` (transformers) or
-    ``interleaved`` (T2I-R1: even = cond, odd = uncond)."""
-
-    cfg: float = 5.0
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    layout: str = "halves"
-
-    def __post_init__(self) -> None:
-        _check_warpers(self.temperature, self.top_k, self.top_p, "image")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"image layout must be one of {LAYOUTS}, got {self.layout!r}")
-
-
-def _check_warpers(temperature: float, top_k: int, top_p: float, what: str) -> None:
-    if temperature <= 0:
-        raise ValueError(f"{what} temperature must be > 0, got {temperature} (use do_sample=False for greedy)")
-    if top_k < 0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"{what} top_k must be >= 0 (0: off) and top_p in (0, 1] (1: off), got {top_k}, {top_p}")
 
 
 @dataclass
@@ -129,18 +91,6 @@ def encode_left_padded(tokenizer, texts: Sequence[str], bos_id: int, pad_id: int
 
 
 # ------------------------------------------------------------------------------------------------------- CoT
-@dataclass
-class CotRollout:
-    """Level-1 rollout of B rows: ``prompt_ids``/``prompt_mask`` (B, P) left-padded, ``ids`` (B, C) (pad after the
-    first EOS), ``mask`` (B, C) bool up to and including the first EOS, ``logp`` (B, C) float32 recorded sampling
-    log-probs (0 under mask 0), ``texts`` the decoded CoTs (special tokens dropped)."""
-
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
-    ids: torch.Tensor
-    mask: torch.Tensor
-    logp: torch.Tensor
-    texts: list[str] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -177,21 +127,6 @@ def rollout_cot(policy, prompts: Sequence[str], sampling: SamplingConfig, templa
 
 
 # ----------------------------------------------------------------------------------------------------- image
-@dataclass
-class ImageRollout:
-    """Level-2 rollout of B rows: ``prompt_ids``/``prompt_mask`` (B, P) left-padded image prompts ending in BOI,
-    ``tokens`` (B, N), ``logp`` (B, N) recorded log-probs of the guided, warped distribution, ``cond_logp`` (B, N)
-    of the cond stream at the temperature, ``images`` uint8 (B, H, W, 3) or None, and with ``return_logits`` the
-    raw per-step ``cond_logits``/``uncond_logits`` (B, N, V)."""
-
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
-    tokens: torch.Tensor
-    logp: torch.Tensor
-    cond_logp: torch.Tensor
-    images: torch.Tensor | None = None
-    cond_logits: torch.Tensor | None = None
-    uncond_logits: torch.Tensor | None = None
 
 
 @torch.no_grad()

@@ -17,21 +17,18 @@ On the same rollout and weights these equal the log-probs the samplers recorded,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
-from ctrlgen.lightning_modules.shortcoti.grpo import token_logprobs
 
-if TYPE_CHECKING:
-    from ctrlgen.lightning_modules.shortcoti.rollout import (
-        CotRollout,
-        ImageRollout,
-        ImageSamplingConfig,
-        SamplingConfig,
-    )
+from ctrlgen.lightning_modules.shortcoti.grpo import token_logprobs
+from ctrlgen.lightning_modules.shortcoti.rollout_types import (
+    LAYOUTS,
+    CotRollout,
+    ImageRollout,
+    ImageSamplingConfig,
+    SamplingConfig,
+)
 
 IMAGE_LOGP = ("guided", "cond")
-LAYOUTS = ("halves", "interleaved")
 
 
 # ------------------------------------------------------------------ distribution maths shared with the samplers

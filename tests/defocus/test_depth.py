@@ -14,7 +14,6 @@ from ctrlgen.lightning_modules.defocus.depth import (
 )
 from torch import nn
 
-torch.set_num_threads(1)
 transformers = pytest.importorskip("transformers")
 
 

@@ -14,6 +14,7 @@ from ctrlgen.datamodules.pack import pack_folder
 from ctrlgen.lightning_modules.defocus.exif import (
     ExifEmbedding,
     after_crop,
+    camera_record,
     dof_split,
     exif_code,
     fourier_features,
@@ -24,7 +25,6 @@ from ctrlgen.lightning_modules.defocus.exif import (
 from PIL import ExifTags, Image
 from PIL.TiffImagePlugin import IFDRational
 
-torch.set_num_threads(1)
 
 
 def jpeg(width: int = 60, height: int = 40, orientation: int | None = None, **tags) -> bytes:
@@ -167,7 +167,7 @@ def test_pack_folder_with_exif_merges_labels_and_stores_upright(tmp_path):
     labels.write_text(json.dumps({"a": {"caption": "a red and blue card", "fnumber": 1.2}, "b": "a caption"}))
     out = tmp_path / "out"
     out.mkdir()
-    rep = pack_folder(src, str(out / "train-%06d.tar"), labels=labels, progress=False, exif=True,
+    rep = pack_folder(src, str(out / "train-%06d.tar"), labels=labels, progress=False, metadata=camera_record,
                       allow_unlabelled=True)
     assert rep["written"] == 3
     s = _samples(out)

@@ -8,7 +8,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from ctrlgen.datamodules.synth import scenes
+from ctrlgen.lightning_modules.defocus import world as scenes
 from ctrlgen.lightning_modules.defocus.focus import (
     FocusPredictor,
     click_focus_m,
@@ -18,7 +18,6 @@ from ctrlgen.lightning_modules.defocus.focus import (
     weighted_median,
 )
 
-torch.set_num_threads(1)
 
 
 def tiny(**kw) -> FocusPredictor:

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from ctrlgen.datamodules.shards import iter_samples
-from ctrlgen.datamodules.synth import WORLDS, scenes, synth
+from ctrlgen.datamodules.synth import WORLDS, synth
+from ctrlgen.lightning_modules.defocus import world as scenes
 from ctrlgen.lightning_modules.defocus import GatherReference, LayeredThinLens
 from ctrlgen.lightning_modules.defocus.exif import dof_split
 from PIL import Image
 
-torch.set_num_threads(1)
 
 
 def test_deterministic_per_seed_split_index():

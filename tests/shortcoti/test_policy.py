@@ -27,7 +27,6 @@ from ctrlgen.lightning_modules.shortcoti.rollout import (
 )
 from ctrlgen.lightning_modules.shortcoti.scoring import score_rollout
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from ctrlgen.lightning_modules.shortcoti.scoring import (
     split_rows,
 )
 
-torch.set_num_threads(1)
 PROMPTS = ["a cube", "two blue spheres left of a green star on a plain white background", "three red rings"]
 
 
