@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402 - after the environment above
 
 # one intra-op thread per test process: tiny models on a shared 2-core box are many times slower oversubscribed
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
