@@ -27,13 +27,18 @@ def load_weights(module: nn.Module, path: str | Path, prefix: str) -> dict[str, 
     return {"path": str(path), "sha256": sha256_of(path), **(info or {})}
 
 
-def make_vqvae(preset: str, overrides: dict | None, weights: str | None) -> tuple[VQVAE, dict | None]:
-    vq = build_vqvae(preset, **(overrides or {}))
+def make_vqvae(preset: str, overrides: dict | None, weights: str | None,
+               net: VQVAE | None = None) -> tuple[VQVAE, dict | None]:
+    """The VQVAE: ``net`` when injected (a module built from the config), else ``preset`` + ``overrides``; then
+    ``weights`` loaded strictly into it."""
+    vq = net if net is not None else build_vqvae(preset, **(overrides or {}))
     return vq, (load_weights(vq, weights, "vqvae.") if weights else None)
 
 
-def make_var(preset: str, overrides: dict | None, weights: str | None) -> tuple[VAR, dict | None]:
-    var = build_var(preset, **(overrides or {}))
+def make_var(preset: str, overrides: dict | None, weights: str | None,
+             net: VAR | None = None) -> tuple[VAR, dict | None]:
+    """The VAR: ``net`` when injected, else ``preset`` + ``overrides``; then ``weights`` loaded strictly into it."""
+    var = net if net is not None else build_var(preset, **(overrides or {}))
     return var, (load_weights(var, weights, "var.") if weights else None)
 
 

@@ -49,7 +49,7 @@ class ECMModule(VARBase):
         ``val_control_batches``: validation samples the first N batches of the (fixed) validation split with control
         and logs ``val/canny_f1`` / ``val/depth_rmse`` on them (spec §2.5); 0 = teacher-forced CE only."""
         super().__init__(var_preset, var_overrides, var_weights, vqvae_preset, vqvae_overrides, vqvae_weights, **kwargs)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "fid_feature"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "fid_feature", "var_net", "vqvae_net"])
         self.condition_types = list(condition_types or ["canny"])
         self.control = ECMControlNet(self.var, num_condition_types=len(self.condition_types), **(control or {}))
         self.cond_encoder_info = None

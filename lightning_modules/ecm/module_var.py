@@ -17,7 +17,8 @@ from ctrlgen.lightning_modules.common.base import BaseGenModule, decay_groups
 from ctrlgen.lightning_modules.common.frozen import describe, freeze
 from ctrlgen.lightning_modules.ecm.bases import check_compatible, make_var, make_vqvae
 from ctrlgen.lightning_modules.ecm.losses import token_ce
-from ctrlgen.lightning_modules.ecm.var import SAMPLERS
+from ctrlgen.lightning_modules.ecm.var import SAMPLERS, VAR
+from ctrlgen.lightning_modules.ecm.vqvae import VQVAE
 
 
 def split_codes(codes_BL: torch.Tensor, begin_ends: list[tuple[int, int]], upto: int | None = None) -> list[torch.Tensor]:
@@ -42,18 +43,21 @@ class VARBase(BaseGenModule):
                  vqvae_overrides: dict | None, vqvae_weights: str | None, loss_norm: str = "kept_mean",
                  label_smoothing: float = 0.0, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
                  grad_checkpointing: bool = False, sampler: str = "eager", base_mismatch: str = "error",
-                 **kwargs: Any):
+                 var_net: VAR | None = None, vqvae_net: VQVAE | None = None, **kwargs: Any):
         """``grad_checkpointing``: recompute each VAR block (and ECM adapter) in the backward instead of keeping its
         activations — for GPUs whose memory does not hold the batch (≈ 1/3 more compute per step).
         ``sampler``: ``eager`` | ``static`` | ``graph`` (CUDA only) for every sample this module draws (validation
         grids, test, predict); all three give the same tokens from the same generator (ecm/fastpath.py).
         ``base_mismatch``: ``error`` | ``warn`` when a checkpoint was made on other frozen base files (sha256) than
-        the ones this run loads (``on_load_checkpoint``)."""
+        the ones this run loads (``on_load_checkpoint``).
+        ``var_net`` / ``vqvae_net``: the networks themselves, injected from the config (``class_path:
+        ctrlgen.lightning_modules.ecm.VAR`` with its ``init_args``) instead of ``*_preset`` + ``*_overrides``; the
+        ``*_weights`` files are loaded into them all the same."""
         if sampler not in SAMPLERS:
             raise ValueError(f"model.init_args.sampler must be one of {'|'.join(SAMPLERS)}, got {sampler!r}")
         super().__init__(base_mismatch=base_mismatch, **kwargs)
-        self.vqvae, self.vqvae_info = make_vqvae(vqvae_preset, vqvae_overrides, vqvae_weights)
-        self.var, self.var_info = make_var(var_preset, var_overrides, var_weights)
+        self.vqvae, self.vqvae_info = make_vqvae(vqvae_preset, vqvae_overrides, vqvae_weights, vqvae_net)
+        self.var, self.var_info = make_var(var_preset, var_overrides, var_weights, var_net)
         check_compatible(self.vqvae, self.var)
         self.var.grad_checkpointing = grad_checkpointing
         freeze(self.vqvae, source=self.vqvae_info, config_key="model.init_args.vqvae_weights")
@@ -129,7 +133,7 @@ class VARModule(VARBase):
         """``no_decay_keys``: parameter-name substrings kept out of weight decay (with every 1-D parameter); default
         VAR's own list (``VAR_NO_DECAY``), under which ``class_emb`` and ``word_embed`` are decayed as in VAR."""
         super().__init__(var_preset, var_overrides, var_weights, vqvae_preset, vqvae_overrides, vqvae_weights, **kwargs)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "var_net", "vqvae_net"])
         self.no_decay_keys = tuple(VAR_NO_DECAY if no_decay_keys is None else no_decay_keys)
 
     def param_groups(self) -> list[dict]:

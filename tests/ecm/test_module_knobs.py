@@ -222,3 +222,27 @@ def test_var_weight_decay_follows_var_by_default():
     m2 = _module("VARModule", no_decay_keys=["class_emb", "lvl_embed", "pos_", "scale_mul"])
     assert "class_emb.weight" in {n for n, p in m2.var.named_parameters() if id(p) in
                                   {id(q) for q in m2.param_groups()[1]["params"]}}
+
+
+def test_var_network_can_be_injected_from_the_config(tmp_path):
+    """``model.init_args.var_net`` (lightning-hydra-template's injected ``net``): the VAR given as ``class_path`` +
+    ``init_args`` is the module's network; its arguments win over ``var_preset`` and stay out of hparams."""
+    import yaml
+
+    from ctrlgen.lightning_modules.cli import CtrlgenCLI
+    from ctrlgen.lightning_modules.ecm import VAR
+    from ctrlgen.lightning_modules.ecm.scales import TINY_PATCH_NUMS
+
+    net = {"class_path": "ctrlgen.lightning_modules.ecm.var.VAR",
+           "init_args": {"depth": 2, "embed_dim": 64, "num_heads": 2, "vocab_size": 512, "cvae": 16,
+                         "num_classes": 10, "patch_nums": list(TINY_PATCH_NUMS)}}
+    cfg = tmp_path / "inject.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"init_args": {"var_net": net}}}))
+    cli = CtrlgenCLI(args=["-c", "configs/ecm/demo_var.yaml", "-c", str(cfg), "--model.init_args.vqvae_weights=null",
+                           f"--trainer.default_root_dir={tmp_path}"], run=False)
+    var = cli.model.var
+    assert isinstance(var, VAR) and len(var.blocks) == 2 and var.C == 64  # the demo preset has depth 4, width 128
+    assert "var_net" not in cli.model.hparams
+    plain = CtrlgenCLI(args=["-c", "configs/ecm/demo_var.yaml", "--model.init_args.vqvae_weights=null",
+                             f"--trainer.default_root_dir={tmp_path}"], run=False)
+    assert len(plain.model.var.blocks) == 4
