@@ -137,6 +137,8 @@ def user_error_code(exc: BaseException) -> int | None:
     from_parse = type(exc).__name__ == "ArgumentError" and type(exc).__module__.startswith("jsonargparse")
     if from_parse:
         return 2
+    if isinstance(exc, OSError) and exc.filename is not None:  # a file system error names its file
+        return 1
     if not isinstance(exc, (ValueError, KeyError, OSError)) or not _raised_in_ctrlgen(exc.__traceback__):
         return None
     return 2 if type(exc).__name__ == "UsageError" else 1
@@ -144,6 +146,8 @@ def user_error_code(exc: BaseException) -> int | None:
 
 def error_line(exc: BaseException) -> str:
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    if isinstance(exc, OSError) and exc.strerror:  # without the "[Errno N]" prefix
+        text = exc.strerror + (f": {exc.filename}" if exc.filename is not None else "")
     return f"ctrlgen: error: {text}"
 
 

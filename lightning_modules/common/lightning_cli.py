@@ -233,12 +233,12 @@ class CtrlgenCLI(LightningCLI):
     ``ctrlgen.lightning_modules``, which imports every method, so checkpoints can rebuild their subclass."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
-        parser_kwargs = {"parser_mode": "omegaconf"}
+        parser_kwargs: dict[str, Any] = {"parser_mode": "omegaconf", "prog": "ctrlgen"}
         if BASE_CONFIG.exists():
-            parser_kwargs = {"parser_mode": "omegaconf", **{s: {"default_config_files": [str(BASE_CONFIG)]}
-                                                             for s in SUBCOMMANDS}}
+            parser_kwargs = {**parser_kwargs, **{s: {"default_config_files": [str(BASE_CONFIG)]} for s in SUBCOMMANDS}}
             if not run:  # run=False has no subcommand: the single parser takes the defaults directly
-                parser_kwargs = {"parser_mode": "omegaconf", "default_config_files": [str(BASE_CONFIG)]}
+                parser_kwargs = {"parser_mode": "omegaconf", "prog": "ctrlgen",
+                                 "default_config_files": [str(BASE_CONFIG)]}
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
@@ -249,9 +249,11 @@ class CtrlgenCLI(LightningCLI):
         super().__init__(BaseGenModule, BaseDataModule, args=args, run=run, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--require_ckpt", type=bool, default=False,
+        from jsonargparse import ActionYesNo
+
+        parser.add_argument("--require_ckpt", action=ActionYesNo, default=False,
                             help="fail when --ckpt_path last finds no intact checkpoint (default: warn, start fresh)")
-        parser.add_argument("--overwrite", type=bool, default=False,
+        parser.add_argument("--overwrite", action=ActionYesNo, default=False,
                             help="fit: reuse a run folder that already holds a run (removes its checkpoints)")
 
     def _parse_ckpt_path(self) -> None:
