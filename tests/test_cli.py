@@ -84,3 +84,10 @@ def test_data_tools_synth_and_inspect(tmp_path):
     r = _run(["data", "inspect", str(tmp_path / "train-{000000..000001}.tar")])
     assert r.returncode == 0, r.stderr
     assert "12" in r.stdout and "canny.png" in r.stdout
+
+
+def test_dispatch_table_names_every_lightning_subcommand():
+    from ctrlgen.lightning_modules import cli
+
+    assert set(cli.LIGHTNING_SUBCOMMANDS) == set(cli.CtrlgenCLI.subcommands()) == set(cli.SUBCOMMANDS)
+    assert set(cli.LIGHTNING_SUBCOMMANDS) < set(cli.COMMANDS)

@@ -1,5 +1,7 @@
 """``ctrlgen data synth|pack|inspect|refstats|tokenize``: make, pack, inspect and tokenize WebDataset shards, and
-reference statistics for FID."""
+reference statistics for FID. Building the parser imports nothing heavy (``ctrlgen data --help`` needs no torch); each
+tool imports its code when it runs. Errors of the tools (a bad ``--out``, key collisions, stale shards, missing
+labels) reach the entry point as exceptions and print as one line there (``ctrlgen.lightning_modules.cli``)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,11 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--shuffle-seed", type=int, default=0, help="order of the files in the shards (-1: sorted paths; "
                    "keep the default for class-per-folder trees such as ImageNet)")
     k.add_argument("--exif", action="store_true", help="store each file's camera EXIF record in its json (defocus)")
+    k.add_argument("--image-format", choices=("jpg", "png"), default="jpg", help="key every image is stored under: "
+                   "jpg (JPEG bytes kept, other formats encoded at quality 95) or png (lossless)")
+    k.add_argument("--overwrite", action="store_true", help="replace shards that already match --out (else refused)")
+    k.add_argument("--allow-unlabelled", action="store_true", help="pack images missing from --labels without a "
+                   "label (else refused, listing them)")
     i = sub.add_parser("inspect", help="count samples and keys per shard")
     i.add_argument("shards")
     r = sub.add_parser("refstats", help="Inception statistics (.npz) of a dataset for FID")
@@ -69,8 +76,13 @@ def main(argv: list[str]) -> None:
 
         rep = pack_folder(args.src, args.out, args.labels, args.maxcount, args.maxsize,
                           shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed,
-                          metadata=camera_record if args.exif else None)
-        print(f"packed {rep['written']} images into {len(rep['shards'])} shards; skipped {rep['skipped']} unreadable")
+                          metadata=camera_record if args.exif else None,
+                          image_format=args.image_format, overwrite=args.overwrite,
+                          allow_unlabelled=args.allow_unlabelled)
+        if rep["replaced"]:
+            print(f"--overwrite: removed {len(rep['replaced'])} earlier shard(s) matching {args.out}")
+        print(f"packed {rep['written']} images ({args.image_format}) into {len(rep['shards'])} shards; skipped "
+              f"{rep['skipped']} unreadable")
         for rel, why in rep["skipped_files"]:
             print(f"  skipped {rel}: {why}")
     elif args.tool == "inspect":

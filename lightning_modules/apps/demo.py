@@ -8,7 +8,8 @@
 Every demo follows the contract of :mod:`ctrlgen.lightning_modules.apps.claims`: it writes ``DIR/summary.json`` with a
 ``claims`` list next to its detailed results; ``ctrlgen demo <method>`` prints them after the run. A demo run exits 0
 when it completed, whether or not its claims are met; ``ctrlgen demo table`` (the last step of ``make demo``) sets the
-exit code from the claims. A demo module provides ``add_arguments(parser)`` and ``run(args, parser)``.
+exit code from the claims. A demo module provides ``add_arguments(parser)`` and ``run(args, parser)``; it is imported
+only for the demo that runs (or whose ``--help`` is asked for), so ``ctrlgen demo --help`` needs no Lightning.
 """
 
 from __future__ import annotations
@@ -32,13 +33,15 @@ DEMOS: dict[str, Callable[[], ModuleType]] = {"ecm": _ecm}
 HELP = {"ecm": "ECM on VAR on the shapes world: VQVAE → VAR → ECM adapters vs full fine-tune (CPU, ~10 min)"}
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(load: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """The ``ctrlgen demo`` parser; the options of the demos in ``load`` (None: all) come from their modules."""
     p = argparse.ArgumentParser(prog="ctrlgen demo", description="end-to-end CPU demos of the implemented methods")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, load in DEMOS.items():
+    for name, loader in DEMOS.items():
         d = sub.add_parser(name, help=HELP.get(name), description=HELP.get(name))
         d.add_argument("--out", default=f"demo_runs/{name}", help="output directory (default %(default)s)")
-        load().add_arguments(d)
+        if load is None or name in load:
+            loader().add_arguments(d)
     t = sub.add_parser("table", help="one table of the claims of demo directories; exit 1 if any is not met")
     t.add_argument("dirs", nargs="+", metavar="DIR")
     sub.add_parser("list", help="print the implemented methods")
@@ -47,13 +50,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def usage_lines() -> list[str]:
-    """One ``ctrlgen demo ...`` usage line per subcommand (for ``ctrlgen --help``)."""
-    return [" ".join(t.format_usage().split()).removeprefix("usage: ") for t in parser().tool_parsers.values()]
+    """One ``ctrlgen demo ...`` usage line per subcommand (for ``ctrlgen --help``; a demo's own options are listed
+    by ``ctrlgen demo <method> --help``)."""
+    lines = [" ".join(t.format_usage().split()).removeprefix("usage: ") for t in parser(()).tool_parsers.values()]
+    return [f"{u} [options]" if u.split()[2] in DEMOS else u for u in lines]
 
 
 def main(argv: list[str]) -> int:
     """Run ``ctrlgen demo ...``; returns the exit code."""
-    p = parser()
+    p = parser(tuple(a for a in argv[:1] if a in DEMOS))  # only the demo that was named is imported
     args = p.parse_args(argv)
     if args.command == "list":
         print(" ".join(DEMOS))
