@@ -61,8 +61,8 @@ def _steps(n: int, fast: bool) -> list[str]:
 
 def _fit(out: Path, name: str, config: str, n: int, fast: bool, extra: list[str]) -> tuple[Any, float]:
     t = time.perf_counter()
-    cli = run_cli(["fit", "-c", str(CONFIGS / config), f"--trainer.default_root_dir={out / name}",
-                *_data_args(out / "shards"), *_steps(n, fast), *extra])
+    cli = run_cli(["fit", "-c", str(CONFIGS / config), f"--trainer.default_root_dir={out / name}", "--overwrite",
+                *_data_args(out / "shards"), *_steps(n, fast), *extra])  # each demo run trains its stages afresh
     return cli, time.perf_counter() - t
 
 
