@@ -58,14 +58,16 @@ def read_state_dict_file(path: str | Path) -> Any:
 def unreadable_message(path: Path, exn: BaseException) -> str:
     """One message for a weights file torch/safetensors cannot read: what was found and how to fix it."""
     text = str(exn)
-    if "Weights only load failed" in text or "weights_only" in text:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        what = f" (it needs {found.group(1)})" if found else ""
+    found = re.search(r"Unsupported (?:global: GLOBAL|class) ([\w.]+)", text)
+    if found:
+        what = f" (it needs {found.group(1)})"
         return (f"weights file {str(path)!r} is not a plain state dict: it pickles Python objects{what} that a safe "
                 "load (weights_only) refuses. If you trust the file, convert it once: `sd = torch.load(path, "
                 "weights_only=False)`, then `torch.save(sd['state_dict'] if 'state_dict' in sd else sd.state_dict(), "
                 "'plain.pth')` (or save it as .safetensors) and point the config at the converted file")
-    first = text.strip().splitlines()[0][:200] if text.strip() else type(exn).__name__
+    detail = re.search(r"WeightsUnpickler error: \s*(.+)", text)  # torch's reason, without its advice
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    first = (detail.group(1) if detail else lines[0] if lines else type(exn).__name__)[:200]
     if path.suffix == ".safetensors":
         kind = "a truncated or corrupt .safetensors file"
     elif zipfile.is_zipfile(path) or "zip" in text or "central directory" in text:
