@@ -2,15 +2,18 @@
 
 Each batch carries ``_data_health = (worker id, cumulative skips in that worker)`` (see ``ctrlgen.datamodules.base``); the
 callback keeps the maximum per worker and logs the sum, per rank on every logged step and summed over ranks per epoch.
+At the end of fit/test/predict one line gives the run's total over all ranks and, for loaders in this process
+(``num_workers: 0``), the count per reason with example ``key @ shard`` (``SKIPS``).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 
 class DataHealthCallback(L.Callback):
@@ -20,11 +23,14 @@ class DataHealthCallback(L.Callback):
         # the main process's counter (num_workers=0) is per process: a second run in the same process (the demo's
         # stages, tests) starts from what earlier runs skipped, so count from its value when this run starts
         self.main_baseline = 0
+        self.main_counts: Counter[str] = Counter()  # the main process's per-reason counts when this run started
+        self.last_summary = ""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from ctrlgen.datamodules.shards import SKIPS
 
         self.main_baseline = SKIPS.total
+        self.main_counts = Counter(SKIPS.counts)
 
     @property
     def skipped(self) -> int:
@@ -68,3 +74,32 @@ class DataHealthCallback(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.per_worker, self.before_resume = {}, int(state_dict.get("skipped", 0))
+
+    def summary(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> str:
+        """``data (stage): N samples skipped over all ranks`` + this process's reasons with examples, if any."""
+        from ctrlgen.datamodules.shards import SKIPS
+
+        total = float(self.skipped)
+        if trainer.world_size > 1:
+            total = float(trainer.strategy.reduce(torch.tensor(total, device=pl_module.device), reduce_op="sum"))
+        here = SKIPS.counts - self.main_counts  # this run's skips in this process, by reason
+        if not total and not here:
+            return f"data ({stage}): no samples skipped"
+        line = f"data ({stage}): {int(total)} samples skipped" + (" over all ranks" if trainer.world_size > 1 else "")
+        if here:
+            reasons = [f"{r} ×{n} (e.g. {', '.join(SKIPS.examples.get(r, []))})" for r, n in here.most_common()]
+            line += "; in this process: " + "; ".join(reasons)
+        return line
+
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.last_summary = self.summary(trainer, pl_module, stage)
+        rank_zero_info(self.last_summary)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(trainer, pl_module, "fit")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(trainer, pl_module, "test")
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(trainer, pl_module, "predict")

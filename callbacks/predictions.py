@@ -3,7 +3,9 @@ own samples, rank 0 logs the first grid to W&B).
 
 Already-written keys are marked in the batch (``_done``) before ``predict_step``; modules generate only the rest, so a
 rerun of an interrupted evaluation skips finished images. Samples are seeded from their batch's keys and evaluation
-batches never span shards, so the same key gets the same image with any number of ranks.
+batches never span shards, so the same key gets the same image with any number of ranks. At the end one line says
+how many images were written and how many were already there (summed over ranks); a run that wrote nothing and found
+nothing to skip warns (an empty predict set).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 
 from ctrlgen.callbacks.images import make_grid
@@ -27,6 +30,7 @@ class PredictionWriter(BasePredictionWriter):
         self.output_dir, self.skip_existing, self.grids = output_dir, skip_existing, grids
         self.written = 0
         self.skipped = 0
+        self.last_summary = ""
 
     def _dir(self, trainer: L.Trainer) -> Path:
         d = Path(self.output_dir or Path(trainer.default_root_dir) / "predictions")
@@ -58,3 +62,19 @@ class PredictionWriter(BasePredictionWriter):
                 for logger in trainer.loggers:
                     if isinstance(logger, WandbLogger):
                         logger.log_image(key="predict/condition_vs_generated", images=[grid])
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.written = self.skipped = 0
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        counts = torch.tensor([float(self.written), float(self.skipped)], device=pl_module.device)
+        if trainer.world_size > 1:
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        written, skipped = (int(x) for x in counts.tolist())
+        out = self._dir(trainer)
+        self.last_summary = (f"predict: {written} images written to {out}, {skipped} skipped (already there"
+                             f"{'; skip_existing: false regenerates them' if skipped else ''})")
+        if written + skipped == 0:
+            rank_zero_warn(f"predict: no images written to {out}: the predict data held no samples (check "
+                           "data.init_args.predict_shards / predict_files)")
+        rank_zero_info(self.last_summary)

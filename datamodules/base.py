@@ -32,6 +32,10 @@ from ctrlgen.datamodules.shards import SKIPS, LazySample, check_required_keys, p
 MAX_CONSECUTIVE_SKIPS = 1000
 
 
+class FatalSampleError(ValueError):
+    """A sample fault the configuration says must stop the run (e.g. ``strict_labels``) instead of being skipped."""
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Dict samples → dict batch: tensors/arrays/numbers stacked, everything else (str, dict) kept as a list."""
     out: dict[str, Any] = {}
@@ -114,6 +118,8 @@ class ShardStream(IterableDataset):
         for raw in self._shuffled(self._raw(rng, worker, nworkers), rng):
             try:
                 item = self.item_fn(LazySample(raw), rng)  # values decoded when the loader reads them
+            except FatalSampleError:
+                raise
             except Exception as e:  # noqa: BLE001 - corrupt or incomplete sample: skip and count, never crash
                 self._skip(e, key=raw.get("__key__"), url=raw.get("__url__"))
                 continue

@@ -6,13 +6,15 @@ the signed float range the networks read, and the key convention of extra stored
 - :func:`check_mid_reso`: ``mid_reso`` must be ≥ 1 (resize, then crop);
 - :func:`to_signed`: uint8 HW/HWC → float32 CHW in [-1, 1] (1-channel maps replicated to 3);
 - :data:`CROP_KEY`, :func:`crop_prefix`, :func:`stored_crops`: pre-tokenised shards may hold extra crops of a sample
-  under ``c<j>.`` keys (``c1.jpg``, ``c1.canny.png``, ``c1.vq.npy``); crop 0 is unprefixed.
+  under ``c<j>.`` keys (``c1.jpg``, ``c1.canny.png``, ``c1.vq.npy``); crop 0 is unprefixed;
+- :func:`read_map_file`: a condition map given as a file (PNG or NPY, never lossy JPEG) → uint8 HW or HWC.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -69,3 +71,49 @@ def crop_prefix(j: int) -> str:
 def stored_crops(sample: Any) -> int:
     """Crops a pre-tokenised sample holds: 1 + the number of ``c<j>.vq.npy`` keys (no value is decoded)."""
     return 1 + sum(1 for k in sample if CROP_KEY.match(k) and k.endswith(".vq.npy"))
+
+
+MAP_EXTS = (".png", ".npy")  # condition maps are lossless: JPEG blurs edge maps and quantises depth
+
+
+def as_map(a: np.ndarray, what: str) -> np.ndarray:
+    """A decoded condition map → uint8 HW or HW3: floats in [0, 1] are scaled by 255 (others must lie in 0..255),
+    uint16 is rescaled to 0..255, bool becomes {0, 255}, a single channel is squeezed; ValueError naming ``what``."""
+    a = np.asarray(a)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim == 3 and a.shape[2] == 4:
+        a = a[..., :3]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
+        raise ValueError(f"{what}: expected a condition map of shape (H,W) or (H,W,3), got {a.shape}")
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * 255
+    if a.dtype == np.uint16:
+        return ((a.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise ValueError(f"{what}: the map holds NaN or inf values")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"{what}: float map values must lie in [0, 1] (or 0..255), found [{lo:g}, {hi:g}]")
+        return np.round(a * 255 if hi <= 1.0 else a).astype(np.uint8)
+    if a.dtype != np.uint8:
+        if a.min() < 0 or a.max() > 255:
+            raise ValueError(f"{what}: integer map values must lie in 0..255, found [{a.min()}, {a.max()}]")
+        a = a.astype(np.uint8)
+    return a
+
+
+def read_map_file(path: str | Path) -> np.ndarray:
+    """A condition-map file → uint8 HW (grey: edges, depth) or HW3 (RGB: normals); PNG (8/16-bit) or NPY. Any other
+    suffix or an unreadable file is a ValueError naming the file."""
+    from ctrlgen.datamodules.shards import decode_value, describe_error
+
+    path = Path(path)
+    if path.suffix.lower() not in MAP_EXTS:
+        raise ValueError(f"{path}: condition maps must be {'/'.join(MAP_EXTS)} files, not {path.suffix or 'no suffix'!r}")
+    try:
+        value = decode_value(path.suffix.lower().lstrip("."), path.read_bytes())
+    except Exception as e:  # noqa: BLE001 - one message naming the file
+        raise ValueError(f"{path}: cannot read the condition map ({describe_error(e, str(path))[:200]})") from None
+    return as_map(value, str(path))

@@ -15,7 +15,8 @@ from pathlib import Path
 def require_pretrained_dir(path: str | os.PathLike | None, what: str, example: str, env: str | None = None,
                            marker: str = "config.json") -> Path:
     """``path`` (or env ``env`` when ``path`` is None) as a directory holding ``marker``; else FileNotFoundError that
-    names the directory, the missing file, an example model to save there and the env variable."""
+    names the directory, the missing file, an example model to save there and the env variable;
+    NotADirectoryError when ``path`` is a file (e.g. the weights file inside the directory)."""
     if path is None and env is not None:
         path = os.environ.get(env)
     where = f" or set {env}" if env else ""
@@ -23,6 +24,10 @@ def require_pretrained_dir(path: str | os.PathLike | None, what: str, example: s
         raise FileNotFoundError(f"no {what} directory given{f' and {env} is not set' if env else ''}: save {example} "
                                 f"with save_pretrained into a local directory and pass its path; nothing is downloaded")
     p = Path(path).expanduser()
+    if p.is_file():
+        raise NotADirectoryError(f"{what} path {str(p)!r} is a file, but a save_pretrained directory is expected: "
+                                 f"give the folder that holds {marker} and the weights (save {example} there with "
+                                 f"save_pretrained){where}")
     if not p.is_dir() or not (p / marker).is_file():
         problem = "not found" if not p.is_dir() else f"has no {marker}"
         raise FileNotFoundError(f"{what} directory {str(p)!r} {problem}: save {example} there with save_pretrained "

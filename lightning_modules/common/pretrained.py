@@ -98,7 +98,13 @@ def load_frozen(cls: str | type, path: str | os.PathLike | None, *, subfolder: s
     torch_dtype = resolve_dtype(dtype)
     if torch_dtype is not None and kind in ("model", "pipeline"):
         kwargs["dtype"] = torch_dtype
-    obj = klass.from_pretrained(str(where), **kwargs)
+    try:
+        obj = klass.from_pretrained(str(where), **kwargs)
+    except Exception as e:  # noqa: BLE001 - truncated/garbage weights or a config of another model: name the folder
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise OSError(f"{what or klass.__name__} directory {str(where)!r} could not be loaded by "
+                      f"{klass.__name__}.from_pretrained ({type(e).__name__}: {first}); a file in it is truncated, "
+                      "garbage or of another model: save it again with save_pretrained") from e
     if kind == "pipeline":
         if device is not None:
             obj.to(device)

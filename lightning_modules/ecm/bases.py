@@ -19,10 +19,9 @@ from ctrlgen.lightning_modules.ecm.vqvae import VQVAE, build_vqvae
 
 
 def load_weights(module: nn.Module, path: str | Path, prefix: str) -> dict[str, Any]:
-    """Strict load from ``path``; Lightning ``.ckpt`` files are read under ``prefix`` (e.g. ``"vqvae."``)."""
+    """Strict load from ``path``; Lightning ``.ckpt`` files are read under ``prefix`` (e.g. ``"vqvae."``). A missing
+    or unreadable file fails naming it (``read_state_dict_file``)."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist (set the config's *_weights to a local file)")
     info = load_state_dict_strict(module, path, prefix=prefix if path.suffix == ".ckpt" else None)
     return {"path": str(path), "sha256": sha256_of(path), **(info or {})}
 

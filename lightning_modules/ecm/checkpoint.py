@@ -10,6 +10,8 @@ built ones, so a fake or corrupt file cannot silently overwrite them.
 from __future__ import annotations
 
 import os
+import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,18 +27,55 @@ _MAX_LISTED = 25
 
 
 def read_state_dict_file(path: str | Path) -> Any:
-    """Raw object stored in ``path`` (CPU tensors; no arbitrary unpickling)."""
-    path = Path(path)
+    """Raw object stored in ``path`` (CPU tensors; no arbitrary unpickling). Every failure names the file: missing
+    (``FileNotFoundError``), a directory, truncated or garbage bytes, or a pickle of Python objects that a safe load
+    refuses (``ValueError``, with how to convert such a file into a plain state dict)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"weights file {str(path)!r} is a directory; give the weights file itself (.pth, .pt, .ckpt "
+                         "or .safetensors) inside it")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist (set the config's *_weights to a local "
+                                "file)")
+    if path.stat().st_size == 0:
+        raise ValueError(f"weights file {str(path)!r} is empty (0 bytes): an interrupted download or copy; copy it "
+                         "again")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # legacy (non-zip) format cannot be memory-mapped
+            if "zip archive" in str(e) or "central directory" in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every reader's error becomes one message naming the file
+        raise ValueError(unreadable_message(path, e)) from None
+
+
+def unreadable_message(path: Path, exn: BaseException) -> str:
+    """One message for a weights file torch/safetensors cannot read: what was found and how to fix it."""
+    text = str(exn)
+    found = re.search(r"Unsupported (?:global: GLOBAL|class) ([\w.]+)", text)
+    if found:
+        what = f" (it needs {found.group(1)})"
+        return (f"weights file {str(path)!r} is not a plain state dict: it pickles Python objects{what} that a safe "
+                "load (weights_only) refuses. If you trust the file, convert it once: `sd = torch.load(path, "
+                "weights_only=False)`, then `torch.save(sd['state_dict'] if 'state_dict' in sd else sd.state_dict(), "
+                "'plain.pth')` (or save it as .safetensors) and point the config at the converted file")
+    detail = re.search(r"WeightsUnpickler error: \s*(.+)", text)  # torch's reason, without its advice
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    first = (detail.group(1) if detail else lines[0] if lines else type(exn).__name__)[:200]
+    if path.suffix == ".safetensors":
+        kind = "a truncated or corrupt .safetensors file"
+    elif zipfile.is_zipfile(path) or "zip" in text or "central directory" in text:
+        kind = "a truncated or corrupt PyTorch (zip) file"
+    else:
+        kind = "not a PyTorch or safetensors weights file (garbage bytes, or an interrupted copy)"
+    return (f"weights file {str(path)!r} cannot be read: {kind} ({type(exn).__name__}: {first}); copy or download "
+            "it again, or check that the path names the weights file")
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -98,7 +137,10 @@ def load_state_dict_strict(module: nn.Module, path: str | Path, prefix: str | No
     """Load ``path`` into ``module`` with strict key/shape checking; returns a small report
     ``{'path', 'num_tensors', 'unwrapped'}``. Raises ``ValueError`` on any mismatch."""
     expected = module.state_dict()
-    sd, how = unwrap_state_dict(read_state_dict_file(path), set(expected), prefix)
+    try:
+        sd, how = unwrap_state_dict(read_state_dict_file(path), set(expected), prefix)
+    except TypeError as e:  # a readable file that holds no state dict (a list, a whole pickled model, ...)
+        raise ValueError(f"weights file {str(path)!r}: {e}; save the module's state_dict() instead") from None
     diff = diff_state_dict(expected, sd)
     if any(diff.values()):
         raise ValueError(format_mismatch(path, diff, how))

@@ -77,6 +77,18 @@ class VARBase(BaseGenModule):
     def check_datamodule(self, dm: Any) -> None:
         """Run at ``setup`` against the trainer's datamodule (before training): the data must fit this module."""
         self.check_pretokenized(dm)
+        self.check_num_classes(dm)
+
+    def check_num_classes(self, dm: Any) -> None:
+        """A datamodule that range-checks labels (``num_classes``) learns the VAR's class count, or must agree."""
+        if not hasattr(dm, "num_classes"):
+            return
+        if dm.num_classes is None:
+            dm.num_classes = self.var.num_classes
+        elif int(dm.num_classes) != self.var.num_classes:
+            raise ValueError(f"data.init_args.num_classes {dm.num_classes} differs from the VAR's num_classes "
+                             f"{self.var.num_classes} (model.init_args.var_preset/var_overrides): set them equal, or "
+                             "leave data.init_args.num_classes unset to take the model's")
 
     def check_pretokenized(self, dm: Any) -> None:
         """Pre-tokenised shards must hold this run's VQVAE's codes: ``tokenize.json`` beside them records the sha256
