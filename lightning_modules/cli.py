@@ -173,14 +173,13 @@ def main(argv: list[str] | None = None) -> None:
     raw = list(sys.argv[1:] if argv is None else argv)
     try:
         dispatch(raw, argv is None)
-    except Exception as exc:  # noqa: BLE001 - user-level errors become one line; the rest is re-raised
+    except Exception as exc:  # user-level errors become one line; the rest is re-raised
         code = user_error_code(exc)
         if code is None or os.environ.get("CTRLGEN_DEBUG", "") not in ("", "0"):
             raise
         print(error_line(exc), file=sys.stderr)
         print("  (CTRLGEN_DEBUG=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(code) from None
-    return None
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ def explain_parse_error(message: str, parser: Any) -> str:
     if m:
         key = m.group(1)
         return f"unknown config key {key!r}{suggest(key, [o[2:] for o in options])}"
-    m = re.search(r"Parser key \"([\w.]+)\".*?Problem with given class_path '([\w.]+)':\s*\n\s*(.+?)\n", message, re.S)
+    m = re.search(r"Parser key \"([\w.]+)\".*?Problem with given class_path '([\w.]+)':\s*\n\s*(.+?)\n", message,
+                  re.DOTALL)
     if m:
         key, class_path, inner = m.groups()
         bad = re.search(r"Option '([\w.]+)' is not accepted", inner)
@@ -106,7 +107,7 @@ def explain_parse_error(message: str, parser: Any) -> str:
             names = f" (it takes: {', '.join(params)})" if params else ""
             return f"{key}: {class_path} has no argument {arg!r}{suggest(arg, params)}{names}"
         return f"{key} ({class_path}): {inner.strip()}"
-    return re.sub(r"\n\s*Given value type:.*", "", message, flags=re.S).strip()
+    return re.sub(r"\n\s*Given value type:.*", "", message, flags=re.DOTALL).strip()
 
 
 class CtrlgenArgumentParser(LightningArgumentParser):
