@@ -36,6 +36,11 @@ class GracefulStop(L.Callback):
 
     # --------------------------------------------------------------------------------------------------- handlers
     def _handle(self, signum: int, frame: Any) -> None:
+        if not self._previous:  # left installed after its fit ended: behave as the handler it replaced
+            prev = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+            signal.signal(signum, prev)
+            signal.raise_signal(signum)
+            return
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.received = signum
@@ -62,7 +67,13 @@ class GracefulStop(L.Callback):
         if signal.getsignal(signal.SIGTERM) is not self._handle and signal.SIGTERM in self._previous:
             signal.signal(signal.SIGTERM, self._handle)
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
         for sig, prev in self._previous.items():
             if prev is not None:
                 signal.signal(sig, prev)
