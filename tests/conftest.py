@@ -22,8 +22,17 @@ import torch  # noqa: E402 - after the environment above
 torch.set_num_threads(1)
 
 
+# what Lightning's process launcher writes into the launching process's environment (``_SubprocessScriptLauncher``
+# sets them even for a one-device DDP fit): a later ``ctrlgen fit`` subprocess inheriting LOCAL_RANK would start no
+# ranks of its own and wait for them forever
+LAUNCHER_VARS = ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GLOBAL_RANK", "RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE",
+                 "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
 @pytest.fixture(autouse=True)
 def _offline_env(monkeypatch, tmp_path_factory):
+    for k in LAUNCHER_VARS:  # restored to the state before the test (absent) by monkeypatch at teardown
+        monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch_home"))
     if os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
@@ -51,7 +60,7 @@ def shapes_shards(tmp_path_factory) -> dict[str, str]:
 
 
 def cli_env() -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("WANDB_MODE", "disabled")
     return env

@@ -9,6 +9,11 @@ Lightning treats a process as a SLURM rank whenever ``SLURM_NTASKS`` is set (unl
     (Lightning 2.6.6), ``devices=1`` in a 2-task job makes each rank train alone into the same run dir and exit 0;
     other mismatches fail only once fit starts, after the model is built. ``--ntasks`` without ``--ntasks-per-node``
     fails at Trainer init.
+(c) outside SLURM: ``LOCAL_RANK`` set makes Lightning's launcher treat the process as a rank some other launcher
+    started, so it starts no ranks itself. Lightning's own launcher writes ``LOCAL_RANK`` into the parent's
+    environment and its teardown removes only ``WORLD_SIZE``; a later run started from that process (a notebook, a
+    test worker, a wrapper script) inherits it and, without a ``WORLD_SIZE`` equal to ``devices x num_nodes``, would
+    wait forever too.
 
 This file imports only the standard library and nothing of the project (a leaf: the CLI imports it, never the reverse).
 Ways in:
@@ -114,7 +119,7 @@ def launch_problems(devices: Any = None, num_nodes: Any = None, env: Mapping[str
     """
     e = _env(env)
     if not slurm_active(e):
-        return []
+        return _inherited_rank_problems(devices, num_nodes, e)
     problems: list[str] = []
     ntasks = _int(e, "SLURM_NTASKS") or 1
     per_node = _int(e, "SLURM_NTASKS_PER_NODE")
@@ -147,10 +152,35 @@ def launch_problems(devices: Any = None, num_nodes: Any = None, env: Mapping[str
     return problems
 
 
+def _inherited_rank_problems(devices: Any, num_nodes: Any, e: Mapping[str, str]) -> list[str]:
+    """(c): ``LOCAL_RANK`` set, outside SLURM and torchelastic, with ``WORLD_SIZE`` unset or not ``devices x nodes``.
+
+    Lightning's launcher leaves ``LOCAL_RANK``, ``NODE_RANK`` and ``MASTER_*`` behind (its teardown removes only
+    ``WORLD_SIZE``); a hand launch of every rank sets ``WORLD_SIZE`` as Lightning's cluster docs require, and passes.
+    """
+    if "LOCAL_RANK" not in e or all(k in e for k in ("RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE")):
+        return []  # no launcher variables, or torchrun's full set (torchrun starts every rank itself)
+    n_dev, world = _device_count(devices), _int(e, "WORLD_SIZE")
+    try:
+        nodes = int(num_nodes) if num_nodes is not None else 1
+    except (TypeError, ValueError):
+        return []
+    if n_dev is None or n_dev * nodes == (world or 1):
+        return []
+    seen = f"WORLD_SIZE={world}" if world is not None else "WORLD_SIZE unset"
+    return [f"LOCAL_RANK={e['LOCAL_RANK']} is set in the environment ({seen}) and the trainer asks for devices={devices} "
+            f"x num_nodes={nodes} = {n_dev * nodes} processes. With LOCAL_RANK set Lightning starts no ranks itself "
+            f"and would wait forever at 'Initializing distributed: GLOBAL_RANK: 0, MEMBER: 1/{n_dev * nodes}'. "
+            "Lightning's own launcher leaves LOCAL_RANK/NODE_RANK/MASTER_PORT in the process that ran an earlier fit "
+            "(a notebook, a test worker, a wrapper script): unset them (`env -u LOCAL_RANK -u NODE_RANK ctrlgen fit "
+            f"...`); if you start every rank yourself, set WORLD_SIZE={n_dev * nodes} as well"]
+
+
 def _format(problems: list[str], env: Mapping[str, str]) -> str:
     job = env.get("SLURM_JOB_ID", "?")
     rank = env.get("SLURM_PROCID", "?")
-    head = f"ctrlgen SLURM launch guard: refusing to start (job {job}, SLURM_PROCID={rank}):"
+    head = (f"ctrlgen SLURM launch guard: refusing to start (job {job}, SLURM_PROCID={rank}):" if slurm_active(env)
+            else "ctrlgen launch guard: refusing to start:")
     return "\n".join([head, *(f"  - {p}" for p in problems), f"  ({DOCS})"])
 
 

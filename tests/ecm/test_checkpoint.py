@@ -133,7 +133,8 @@ def test_sha256_and_missing_file(tmp_path):
     p = tmp_path / "blob.bin"
     p.write_bytes(b"ctrlgen" * 1000)
     assert sha256_of(p) == hashlib.sha256(b"ctrlgen" * 1000).hexdigest()
-    with pytest.raises(FileNotFoundError, match=r"^checkpoint not found: " + re.escape(str(tmp_path / "nope.pth"))):
+    missing = re.escape(f"weights file '{tmp_path / 'nope.pth'}' does not exist")
+    with pytest.raises(FileNotFoundError, match=rf"^{missing} \(set the config's \*_weights to a local file\)$"):
         load_state_dict_strict(torch.nn.Linear(2, 2), tmp_path / "nope.pth")
 
 

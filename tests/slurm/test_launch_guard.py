@@ -112,3 +112,23 @@ def test_guard_script_runs_only_its_own_commands(monkeypatch, capsys):
     assert e.value.code == 2
     assert "srun python -m ctrlgen.lightning_modules.cli fit" in capsys.readouterr().err
     guard.main(["check", "--devices", "2"])  # outside SLURM: nothing to refuse
+
+
+def test_launcher_variables_left_by_an_earlier_run_are_refused(capsys):
+    """Lightning's launcher leaves LOCAL_RANK=0 (no WORLD_SIZE) in the environment of the process that ran a
+    one-device DDP fit (seen under Lightning 2.6: a later two-device fit from a test worker spawned no rank 1 and hung
+    in 'Initializing distributed'); a hand launch sets WORLD_SIZE and passes."""
+    left = {"LOCAL_RANK": "0", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "60611"}
+    (p,) = guard.launch_problems(devices=2, num_nodes=1, env=left)
+    assert "LOCAL_RANK=0 is set in the environment (WORLD_SIZE unset)" in p and "= 2 processes" in p
+    assert "env -u LOCAL_RANK" in p and "WORLD_SIZE=2" in p
+    (p,) = guard.launch_problems(devices=2, num_nodes=2, env={**left, "WORLD_SIZE": "2"})
+    assert "(WORLD_SIZE=2)" in p and "= 4 processes" in p
+    with pytest.raises(SystemExit) as e:
+        guard.guard_or_exit(Namespace(devices=2, num_nodes=1), env=left)
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("ctrlgen launch guard: refusing to start:")
+    assert guard.launch_problems(devices=2, num_nodes=1, env={**left, "LOCAL_RANK": "1", "WORLD_SIZE": "2"}) == []
+    assert guard.launch_problems(devices=1, num_nodes=1, env=left) == []  # consistent: the run that left them
+    assert guard.launch_problems(devices="auto", num_nodes=1, env=left) == []  # unknown count: not judged
+    torchrun = {**left, "RANK": "0", "GROUP_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    assert guard.launch_problems(devices=2, num_nodes=1, env=torchrun) == []
