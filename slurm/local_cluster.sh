@@ -4,6 +4,7 @@
 #   slurm/local_cluster.sh up      install the packages if missing, write slurm.conf, start munged, slurmctld, slurmd
 #   slurm/local_cluster.sh down    stop them by pidfile (jobs are cancelled first); leaves no daemon running
 #   slurm/local_cluster.sh status  daemons, sinfo, queue; exit 0 only when the node is up and accepting jobs
+#   slurm/local_cluster.sh diagnose  node, partition, queue, config and daemon log tails (why a job pends)
 #
 # Needs root, a writable /run and fork/exec; no systemd, cgroups or slurmdbd. Idempotent: `up` on a running cluster
 # and `down` on a stopped one do nothing. Env: SLURM_LOCAL_WIPE=1 makes `down` also wipe the controller state (job ids
@@ -24,6 +25,8 @@ die() { log "ERROR: $*"; exit 1; }
 pid_alive() {  # pidfile -> 0 when the process named in it is alive
   [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null
 }
+
+host_cpus() { env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc; }  # nproc obeys OMP_NUM_THREADS
 
 need_root() { [[ $(id -u) == 0 ]] || die "must run as root (daemons, /etc/slurm, /run)"; }
 
@@ -48,14 +51,22 @@ write_conf() {
     log "hostname $node does not resolve: adding it to /etc/hosts"
     echo "127.0.0.1 $node" >>/etc/hosts
   fi
-  cpus=$(nproc)
   mem=$(awk '/MemTotal/ {print int($2/1024*0.9)}' /proc/meminfo)
+  # the node as slurmd itself detects it (CPUs, boards/sockets/cores/threads): a line that disagrees with what slurmd
+  # registers is fatal to slurmctld or leaves jobs pending; CPUs are allocated one logical CPU each (CR_CPU).
+  # Not plain `nproc`: it obeys OMP_NUM_THREADS, and the test suite runs with OMP_NUM_THREADS=1 (CPUs=1: a 2-task job
+  # then pends forever with reason PartitionConfig)
+  local hw layout
+  hw=$(slurmd -C 2>/dev/null | head -n 1 || true)
+  cpus=$(grep -oE '\bCPUs=[0-9]+' <<<"$hw" | cut -d= -f2 || true)
+  [[ -n $cpus ]] || cpus=$(host_cpus)
+  layout=$(grep -oE '(Boards|SocketsPerBoard|CoresPerSocket|ThreadsPerCore)=[0-9]+' <<<"$hw" | tr '\n' ' ' || true)
   local tmp
   tmp=$(mktemp)
   cat >"$tmp" <<EOF
 $MARK (platform.md §2.1): single node, no cgroups, no accounting
 ClusterName=ci
-SlurmctldHost=${node}
+SlurmctldHost=${node}(127.0.0.1)
 SlurmUser=slurm
 AuthType=auth/munge
 MpiDefault=none
@@ -64,7 +75,7 @@ TaskPlugin=task/none
 ReturnToService=2
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
+SelectTypeParameters=CR_CPU
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
@@ -76,7 +87,8 @@ SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
 # tests: a requeued/cancelled job's leftovers are killed 5 s after SIGTERM (default 30 s)
 KillWait=5
-NodeName=${node} CPUs=${cpus} RealMemory=${mem} State=UNKNOWN
+# all traffic on loopback: the hostname may resolve to an address the daemons cannot reach each other on
+NodeName=${node} NodeAddr=127.0.0.1 NodeHostname=${node} CPUs=${cpus} ${layout}RealMemory=${mem} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
   if [[ -f $CONF ]] && ! grep -q "^$MARK" "$CONF"; then
@@ -85,8 +97,8 @@ EOF
   fi
   if ! cmp -s "$tmp" "$CONF"; then
     install -m 0644 "$tmp" "$CONF"
-    if pid_alive "$CTLD_PID"; then  # config changed under running daemons: restart them
-      log "slurm.conf changed: restarting slurmctld/slurmd"
+    if pid_alive "$CTLD_PID" || pid_alive "$SLURMD_PID"; then  # config changed under a running daemon: restart
+      log "slurm.conf changed: restarting slurmctld/slurmd"    # both (a slurmd on the old file registers wrong)
       stop_daemon slurmd "$SLURMD_PID"
       stop_daemon slurmctld "$CTLD_PID"
     fi
@@ -115,6 +127,28 @@ stop_daemon() {  # name pidfile
   rm -f "$pidfile"
 }
 
+diagnose() {  # what a pending or refused job needs to be understood, on stderr
+  {
+    echo "== nproc: $(host_cpus); slurmd -C: $(slurmd -C 2>&1 | head -n 1)"
+    echo "== $CONF"; grep -v '^#' "$CONF" || true
+    echo "== scontrol show node"; scontrol show node 2>&1 || true
+    echo "== scontrol show partition"; scontrol show partition 2>&1 || true
+    echo "== squeue"; squeue -o '%i %T %r %C %D %l' 2>&1 || true
+    echo "== slurmctld.log"; tail -n 30 /var/log/slurm/slurmctld.log 2>&1 || true
+    echo "== slurmd.log"; tail -n 30 /var/log/slurm/slurmd.log 2>&1 || true
+  } >&2
+}
+
+smoke() {  # one two-task job step on the node: the shape the slurm tier's jobs ask for
+  local n
+  n=$(( $(host_cpus) >= 2 ? 2 : 1 ))
+  if ! timeout 90 srun --nodes=1 --ntasks="$n" --cpus-per-task=1 --time=1 --immediate=60 --job-name=ct-smoke true \
+       >/dev/null 2>&1; then
+    diagnose
+    die "a ${n}-task srun step did not run within 60 s on the fresh cluster (diagnostics above)"
+  fi
+}
+
 node_ready() { sinfo -h -o '%t' 2>/dev/null | grep -qE '^(idle|mix|alloc|comp)'; }
 
 up() {
@@ -140,11 +174,12 @@ up() {
     ((n-- > 0)) || { sinfo >&2 || true; tail -n 20 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log >&2 || true
                      die "node not idle after 15 s"; }
     # a node left DOWN/DRAINED by an earlier unclean stop: return it to service
-    if sinfo -h -o '%t' 2>/dev/null | grep -qE '^(down|drain|drng|fail)'; then
+    if sinfo -h -o '%t' 2>/dev/null | grep -qE '^(down|drain|drng|fail|inval)'; then
       scontrol update NodeName="$(hostname -s)" State=RESUME >/dev/null 2>&1 || true
     fi
     sleep 0.1
   done
+  smoke
   log "up: $(sinfo -h -o '%P %a %t %N' | head -n 1)"
 }
 
@@ -196,5 +231,6 @@ case ${1:-} in
   up) up ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  diagnose) diagnose ;;
+  *) echo "usage: $0 up|down|status|diagnose" >&2; exit 2 ;;
 esac

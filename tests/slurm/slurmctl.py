@@ -74,9 +74,22 @@ def wait_for(job: int, pred, timeout: float, what: str, poll: float = 0.5) -> di
         if info and pred(info):
             return info
         time.sleep(poll)
+    detail = _why_pending(job) if info.get("JobState") == "PENDING" else ""
     subprocess.run(["scancel", str(job)], capture_output=True, check=False)
     raise AssertionError(f"job {job}: {what} not reached within {timeout:.0f} s; last state {info.get('JobState')} "
-                         f"reason {info.get('Reason')} (job cancelled)")
+                         f"reason {info.get('Reason')} (job cancelled){detail}")
+
+
+def _why_pending(job: int) -> str:
+    """The job, node and partition as the controller sees them (a pending job's reason is about one of them)."""
+    out = []
+    for what in (["job", str(job)], ["node"], ["partition"]):
+        try:
+            r = subprocess.run(["scontrol", "show", *what], capture_output=True, text=True, timeout=30, check=False)
+            out.append(f"\n== scontrol show {' '.join(what)}\n{(r.stdout or r.stderr).strip()}")
+        except (subprocess.TimeoutExpired, OSError) as err:
+            out.append(f"\n== scontrol show {' '.join(what)}: {err}")
+    return "".join(out)
 
 
 def wait_done(job: int, timeout: float) -> dict[str, str]:
