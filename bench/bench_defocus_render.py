@@ -16,12 +16,16 @@ convolutions run by FFT, so the ratio grows with the radius clamp.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import emit
 
 
 def parse(argv=None):
@@ -112,11 +116,7 @@ def main(argv=None) -> dict:
           f"({res['gather_over_layered_fwd_min']:.2f}×), forward + backward {res['gather_over_layered_fwd_bwd']:.2f}× "
           f"({res['gather_over_layered_fwd_bwd_min']:.2f}×); PSNR layered vs gather "
           f"{res['psnr_layered_vs_gather_db']:.1f} dB")
-    print(json.dumps(res))
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=1)
-    return res
+    return emit(res, a.json)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,15 @@ ms per token step and the ratio hf / ours.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import emit
 
 
 def parse(argv=None):
@@ -112,11 +116,7 @@ def main(argv=None) -> dict:
         print(f"| {k} | {med[k]:.1f} / {best[k]:.1f} | {per} |")
     print(f"hf / ours: {res['hf_over_ours']:.2f}× (min {res['hf_over_ours_min']:.2f}×); hf / ours_static: "
           f"{res['hf_over_ours_static']:.2f}×")
-    print(json.dumps(res))
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=1)
-    return res
+    return emit(res, a.json)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,14 @@ Exits with a message (status 1) when no CUDA device is present.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import emit
 
 
 def parse(argv=None):
@@ -129,10 +132,7 @@ def main(argv=None) -> dict:
     print(f"checks {'ok' if ok else 'FAILED'}: {res['checks']}")
     print(f"interactive refocus at {a.size}²: {frame:.1f} ms per frame (target < {a.target_ms:.0f} ms): "
           f"{'met' if res['interactive_target_met'] else 'NOT met'}")
-    print(json.dumps(res))
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=1)
+    emit(res, a.json)
     if not ok:
         sys.exit(1)
     return res

@@ -23,12 +23,15 @@ Exits with a message (status 1) when no CUDA device is present (unless ``--devic
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import emit
 
 REFERENCE_TOKENS_PER_S = 2049.0  # spec shortcoti.md §7 [measured], HF generate, 32 rows, one H200
 
@@ -192,11 +195,7 @@ def main(argv=None) -> dict:
         print(f"| {k} | {s:.3f} | {' | '.join(cols)} | {res['same_tokens_as_hf'].get(k, '-')} |")
     for k, e in res["errors"].items():
         print(f"{k}: {e}")
-    print(json.dumps(res))
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=1)
-    return res
+    return emit(res, a.json)
 
 
 if __name__ == "__main__":
