@@ -29,21 +29,42 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import nn
-
 from ctrlgen.lightning_modules.common.frozen import freeze
 from ctrlgen.lightning_modules.common.manual import ManualOptimModule
-from ctrlgen.lightning_modules.common.rollouts import group_advantages, group_stats, repeat_for_groups
-from ctrlgen.lightning_modules.shortcoti.grpo import LossConfig, concat_segments, grpo_loss
-from ctrlgen.lightning_modules.shortcoti.length import (LengthConfig, apply_length_mode, cap_max_new_tokens,
-                                                        ema_easiness)
+from ctrlgen.lightning_modules.common.rollouts import (
+    group_advantages,
+    group_stats,
+    repeat_for_groups,
+)
+from ctrlgen.lightning_modules.shortcoti.grpo import (
+    LossConfig,
+    concat_segments,
+    grpo_loss,
+)
+from ctrlgen.lightning_modules.shortcoti.length import (
+    LengthConfig,
+    apply_length_mode,
+    cap_max_new_tokens,
+    ema_easiness,
+)
 from ctrlgen.lightning_modules.shortcoti.policy import JanusPolicy, TinyJanusSpec
-from ctrlgen.lightning_modules.shortcoti.rewards import RewardFn, instantiate, score_all, weighted_sum
-from ctrlgen.lightning_modules.shortcoti.rollout import (ImageSamplingConfig, PromptTemplate, SamplingConfig,
-                                                         rollout_cot, rollout_image)
+from ctrlgen.lightning_modules.shortcoti.rewards import (
+    RewardFn,
+    instantiate,
+    score_all,
+    weighted_sum,
+)
+from ctrlgen.lightning_modules.shortcoti.rollout import (
+    ImageSamplingConfig,
+    PromptTemplate,
+    SamplingConfig,
+    rollout_cot,
+    rollout_image,
+)
 from ctrlgen.lightning_modules.shortcoti.rollout_types import CotRollout, ImageRollout
 from ctrlgen.lightning_modules.shortcoti.scoring import IMAGE_LOGP, score_rollout
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 

@@ -8,12 +8,11 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
-
 from ctrlgen.datamodules.prompts import PromptDataModule
 from ctrlgen.lightning_modules.shortcoti.module import ShortCoTIModule
 from ctrlgen.lightning_modules.shortcoti.rewards import TokenSubsetReward
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
 PROMPTS = ["a red cube", "two blue spheres", "three green stars left of a ring", "a yellow heart",
            "four pink boxes above two cones", "one cyan disk"]
@@ -29,10 +28,11 @@ def prompt_files(tmp_path):
 
 
 def _module(mode: str = "adaptive", **kw) -> ShortCoTIModule:
-    args = dict(rewards=[TokenSubsetReward(codes=range(16))], tiny={"init_std": 0.1}, G=4,
-                cot={"max_new_tokens": 8}, image={"cfg": 3.0}, eval_cot_max_new_tokens=6,
-                length={"mode": mode, "target": 3, "cap": 3, "ranges": {"token_subset": [0.0, 1.0]}},
-                loss={"beta": 0.01}, optimizers={"policy": partial(torch.optim.AdamW, lr=1e-3)}, max_iterations=4)
+    args = {"rewards": [TokenSubsetReward(codes=range(16))], "tiny": {"init_std": 0.1}, "G": 4,
+            "cot": {"max_new_tokens": 8}, "image": {"cfg": 3.0}, "eval_cot_max_new_tokens": 6,
+            "length": {"mode": mode, "target": 3, "cap": 3, "ranges": {"token_subset": [0.0, 1.0]}},
+            "loss": {"beta": 0.01}, "optimizers": {"policy": partial(torch.optim.AdamW, lr=1e-3)},
+            "max_iterations": 4}
     args.update(kw)
     return ShortCoTIModule(**args)
 
