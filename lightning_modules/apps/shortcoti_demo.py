@@ -28,7 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from ctrlgen.configs import CONFIG_DIR
-from ctrlgen.lightning_modules.apps.claims import Claim, claim, claims_table, write_summary
+from ctrlgen.lightning_modules.apps.claims import (
+    Claim,
+    claim,
+    claims_table,
+    write_summary,
+)
 from ctrlgen.lightning_modules.apps.stages import demo_threads, run_cli
 
 CONFIG = CONFIG_DIR / "shortcoti" / "demo.yaml"
@@ -40,7 +45,6 @@ TARGETS = {"cot_length_reduction": ">= 0.40", "task_reward_delta": ">= -0.02"}
 def run_branch(spec_json: str) -> None:
     """One GRPO branch (fit, then held-out evaluation) in this process; writes ``spec["result"]``."""
     import torch
-
     from ctrlgen.datamodules.prompts import load_prompts
 
     spec = json.loads(spec_json)
@@ -108,7 +112,6 @@ def shortcoti_claims(res: dict[str, dict]) -> list[Claim]:
 def run_demo(out: Path, pretrain_steps: int, grpo_steps: int, n_train: int, n_val: int, eval_G: int,
              extra: list[str] | None = None) -> dict[str, Any]:
     import torch
-
     from ctrlgen.lightning_modules.shortcoti.policy import JanusPolicy, TinyJanusSpec
     from ctrlgen.lightning_modules.shortcoti.pretrain import pretrain_on_world
     from ctrlgen.lightning_modules.shortcoti.world import split_prompts, write_jsonl
