@@ -82,6 +82,14 @@ class GroupRollout:
     metrics: dict[str, torch.Tensor]
 
 
+def _typed(d: dict | None) -> dict:
+    """A knob dict with command-line strings read as YAML scalars (``--model.init_args.length.alpha=0.1`` reaches an
+    untyped dict as the string "0.1")."""
+    import yaml
+
+    return {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in (d or {}).items()}
+
+
 def _quantiles(x: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
     x = x.to(torch.float64)
     return {f"{prefix}": x.mean(), f"{prefix}_p50": x.quantile(0.5), f"{prefix}_p90": x.quantile(0.9),
@@ -119,19 +127,19 @@ class ShortCoTIModule(ManualOptimModule):
         self.rewards = [instantiate(r) for r in rewards]
         self.reward_weights = dict(reward_weights or {})
         self.G, self.eval_G, self.image_logp = int(G), int(eval_G), image_logp
-        self.cot_cfg = SamplingConfig(**(cot or {}))
-        self.length_cfg = LengthConfig(**(length or {}))
+        self.cot_cfg = SamplingConfig(**_typed(cot))
+        self.length_cfg = LengthConfig(**_typed(length))
         if self.length_cfg.mode == "cap":  # no need to decode past what the cap keeps
             budget = min(self.cot_cfg.max_new_tokens, cap_max_new_tokens(self.length_cfg))
             self.cot_cfg = dataclasses.replace(self.cot_cfg, max_new_tokens=budget)
         eval_tokens = eval_cot_max_new_tokens or self.cot_cfg.max_new_tokens
         self.eval_cot_cfg = dataclasses.replace(self.cot_cfg, max_new_tokens=eval_tokens)
-        self.image_cfg = ImageSamplingConfig(**(image or {}))
-        self.loss_cfg = LossConfig(**(loss or {}))
+        self.image_cfg = ImageSamplingConfig(**_typed(image))
+        self.loss_cfg = LossConfig(**_typed(loss))
         if self.loss_cfg.num_iterations > 1 and self.accumulate_grad_batches > 1:
             raise ValueError("ShortCoTIModule: loss.num_iterations > 1 (several steps per rollout) cannot be combined "
                              "with accumulate_grad_batches > 1; set one of them to 1")
-        adv = {"scale": "group", "eps": 1e-4, **(advantage or {})}
+        adv = {"scale": "group", "eps": 1e-4, **_typed(advantage)}
         self.adv_scale, self.adv_eps = str(adv["scale"]), float(adv["eps"])
         self.template = PromptTemplate(**(template or {}))
         self.max_prompt_length = max_prompt_length
@@ -148,7 +156,7 @@ class ShortCoTIModule(ManualOptimModule):
         torch_dtype = None if dtype is None else _DTYPES[dtype]
         if path is not None:
             return JanusPolicy.from_pretrained(path, dtype=torch_dtype)
-        policy = JanusPolicy.tiny(TinyJanusSpec(**(tiny or {})), seed=seed)
+        policy = JanusPolicy.tiny(TinyJanusSpec(**_typed(tiny)), seed=seed)
         return policy if torch_dtype is None else policy.to(torch_dtype)
 
     def optimizer_params(self) -> dict[str, Any]:
