@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.stats import spearmanr
-
 from ctrlgen.lightning_modules.agebooth import world
+from scipy.stats import spearmanr
 
 
 @pytest.mark.parametrize("size", [16, 32])
