@@ -11,6 +11,7 @@ from pathlib import Path
 WORLDS = {  # name -> module
     "shapes": "ctrlgen.datamodules.synth.shapes",  # geometry + classes (ECM, platform tests)
     "scenes": "ctrlgen.lightning_modules.defocus.world",  # metric depth + subject + camera record (Defocus)
+    "faces": "ctrlgen.lightning_modules.agebooth.world",  # portraits: identity + rendered age + captions (AgeBooth)
 }
 
 

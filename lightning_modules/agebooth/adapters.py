@@ -21,8 +21,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from ctrlgen.lightning_modules.agebooth import fusion
 from ctrlgen.lightning_modules.common.lora import (
     LoraFactors,
@@ -35,6 +33,7 @@ from ctrlgen.lightning_modules.common.lora import (
     set_lora_factors,
     tuner_layers,
 )
+from torch import nn
 
 MIX_ADAPTER = "age_mix"
 

@@ -36,9 +36,8 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
-from torch import nn
-
 from ctrlgen.lightning_modules.common.lora import LoraFactors
+from torch import nn
 
 Factors = Mapping[str, LoraFactors]
 MODES = ("linear", "svdmix", "peft_svd")

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from ctrlgen.lightning_modules.agebooth import fusion
-from ctrlgen.lightning_modules.agebooth.adapters import AgeFusion, activate, load_age_lora
+from ctrlgen.lightning_modules.agebooth.adapters import (
+    AgeFusion,
+    activate,
+    load_age_lora,
+)
 from ctrlgen.lightning_modules.common.lora import (
     LoraFactors,
     add_lora,
@@ -21,7 +23,14 @@ from ctrlgen.lightning_modules.common.lora import (
     read_lora_factors,
     unmerge_lora,
 )
-from tests.helpers.tiny_lora_module import ATTN_TARGETS, tiny_unet, unet_inputs, write_tiny_pipeline
+from safetensors.torch import save_file
+
+from tests.helpers.tiny_lora_module import (
+    ATTN_TARGETS,
+    tiny_unet,
+    unet_inputs,
+    write_tiny_pipeline,
+)
 
 N_ATTN_LINEARS = 32  # tiny UNet: 4 transformer blocks × (attn1, attn2) × (to_q, to_k, to_v, to_out.0)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from ctrlgen.lightning_modules.agebooth import fusion
 from ctrlgen.lightning_modules.agebooth.prompts import fuse_prompt_embeds
 from ctrlgen.lightning_modules.common.lora import LoraFactors
