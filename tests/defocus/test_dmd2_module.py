@@ -31,11 +31,12 @@ def write_dmd2_shards(out) -> dict[str, str]:
         return " ".join(rng.choice(WORDS, 3)).encode()
 
     write_shards(({"__key__": f"p{i:04d}", "txt": text()} for i in range(32)), f"{out}/prompts-%06d.tar")
-    write_shards(({"__key__": f"v{i:04d}", "txt": text()} for i in range(4)), f"{out}/val-prompts-%06d.tar")
+    write_shards(({"__key__": f"v{i:04d}", "txt": text()} for i in range(4)), f"{out}/val-prompts-%06d.tar",
+                 maxcount=2)  # 2 equal shards: splits over 2 ranks
     write_shards(({"__key__": f"r{i:04d}", "latent.npy": npy(rng.standard_normal((4, 8, 8)).astype(np.float32)),
                    "txt": text()} for i in range(32)), f"{out}/real-%06d.tar")
     return {"DMD2_PROMPTS": f"{out}/prompts-000000.tar", "DMD2_REAL": f"{out}/real-000000.tar",
-            "DMD2_VAL_PROMPTS": f"{out}/val-prompts-000000.tar"}
+            "DMD2_VAL_PROMPTS": f"{out}/val-prompts-{{000000..000001}}.tar"}
 
 
 @pytest.fixture(scope="module")
