@@ -8,12 +8,13 @@ import io
 import numpy as np
 import pytest
 import torch
-
 from ctrlgen.lightning_modules.cli import CtrlgenCLI
+from ctrlgen.lightning_modules.defocus.dmd2_module import DMD2Module
+
 from tests.conftest import assert_same_state
 
 CONFIG = "configs/defocus/dmd2_tiny.yaml"
-WORDS = "red blue cat dog house tree car sky".split()
+WORDS = ["red", "blue", "cat", "dog", "house", "tree", "car", "sky"]
 
 
 def write_dmd2_shards(out) -> dict[str, str]:
@@ -48,7 +49,8 @@ def _fit(env, monkeypatch, root, *extra: str) -> CtrlgenCLI:
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return CtrlgenCLI(args=["fit", "-c", CONFIG, f"--trainer.default_root_dir={root}",
-                            "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={root}",
+                            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+                            f"--trainer.logger.init_args.save_dir={root}",
                             "--trainer.callbacks+=ctrlgen.callbacks.RunCheckpoint", *extra])
 
 
@@ -56,29 +58,32 @@ def _snapshot(module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
+SEEN: dict[str, list] = {"k": [], "g": [], "f": []}  # filled by Recording during a fit
+
+
+class Recording(DMD2Module):
+    """Records the iterations of each update and the backward-simulation depths; keeps the initial weights."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.teacher_init = _snapshot(self.teacher)
+        self.gen_init = _snapshot(self.generator)
+        self.fake_init = _snapshot(self.guidance)
+
+    def update(self, name, loss, clip_norm=None):
+        out = super().update(name, loss, clip_norm)
+        SEEN["g" if name == "generator" else "f"].append(self.iteration)
+        return out
+
+    def train_iteration(self, batch, batch_idx):
+        super().train_iteration(batch, batch_idx)
+        SEEN["k"].append(self.last_backsim)
+
+
 def test_fit_trains_generator_and_fake_score_teacher_fixed(dmd2_env, monkeypatch, tmp_path):
-    from ctrlgen.lightning_modules.defocus.dmd2_module import DMD2Module
-
-    seen: dict[str, list] = {"k": [], "g": [], "f": []}
-
-    class Recording(DMD2Module):
-        def __init__(self, **kw):
-            super().__init__(**kw)
-            self.teacher_init = _snapshot(self.teacher)
-            self.gen_init = _snapshot(self.generator)
-            self.fake_init = _snapshot(self.guidance)
-
-        def update(self, name, loss, clip_norm=None):
-            out = super().update(name, loss, clip_norm)
-            seen["g" if name == "generator" else "f"].append(self.iteration)
-            return out
-
-        def train_iteration(self, batch, batch_idx):
-            super().train_iteration(batch, batch_idx)
-            seen["k"].append(self.last_backsim)
-
-    import tests.defocus.test_dmd2_module as me
-    me.Recording = Recording
+    seen = SEEN
+    for v in seen.values():
+        v.clear()
     cli = _fit(dmd2_env, monkeypatch, tmp_path, "--model.class_path=tests.defocus.test_dmd2_module.Recording")
     m = cli.model
     assert m.iteration == 8 and cli.trainer.global_step == 8 + 4
