@@ -112,7 +112,8 @@ def generator_timesteps(num_steps: int = 4, num_train_timesteps: int = 1000) -> 
 
 
 def backsim_index(num_steps: int, generator: torch.Generator) -> int:
-    """The backward-simulation depth k ∈ {0 … num_steps−1}: one draw from ``generator`` (seed it alike on every rank)."""
+    """The backward-simulation depth k ∈ {0 … num_steps−1}: one draw from ``generator`` (seeded alike on every
+    rank)."""
     return int(torch.randint(num_steps, (1,), generator=generator))
 
 

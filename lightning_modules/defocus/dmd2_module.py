@@ -41,15 +41,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
 from ctrlgen.datamodules.seeding import derive_seed, global_seed
-from ctrlgen.lightning_modules.common.frozen import CONFIG_KEY_ATTR, FROZEN_ATTR, SOURCE_ATTR, freeze
+from ctrlgen.lightning_modules.common.frozen import (
+    CONFIG_KEY_ATTR,
+    FROZEN_ATTR,
+    SOURCE_ATTR,
+    freeze,
+)
 from ctrlgen.lightning_modules.common.manual import ManualOptimModule
 from ctrlgen.lightning_modules.common.pretrained import load_frozen, resolve_dtype
 from ctrlgen.lightning_modules.defocus import dmd2
-from ctrlgen.lightning_modules.defocus.dmd2_nets import (CLIPPromptEncoder, GANHead, mid_resolution_of, unet_eps,
-                                                         unet_mid_features)
+from ctrlgen.lightning_modules.defocus.dmd2_nets import (
+    CLIPPromptEncoder,
+    GANHead,
+    mid_resolution_of,
+    unet_eps,
+    unet_mid_features,
+)
+from torch import nn
 
 KEY = "model.init_args.pretrained"
 

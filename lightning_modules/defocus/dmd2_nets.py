@@ -43,7 +43,8 @@ class GANHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.shape[-1] != self.mid_resolution:
-            raise ValueError(f"GANHead built for {self.mid_resolution}² mid-block features, got {tuple(features.shape)}")
+            raise ValueError(f"GANHead built for {self.mid_resolution}² mid-block features, "
+                             f"got {tuple(features.shape)}")
         return self.net(features).flatten(1).mean(1)
 
 

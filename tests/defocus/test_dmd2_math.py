@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from ctrlgen.lightning_modules.defocus import dmd2
 
 

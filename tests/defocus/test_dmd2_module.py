@@ -8,12 +8,13 @@ import io
 import numpy as np
 import pytest
 import torch
-
 from ctrlgen.lightning_modules.cli import CtrlgenCLI
+from ctrlgen.lightning_modules.defocus.dmd2_module import DMD2Module
+
 from tests.conftest import assert_same_state
 
 CONFIG = "configs/defocus/dmd2_tiny.yaml"
-WORDS = "red blue cat dog house tree car sky".split()
+WORDS = ["red", "blue", "cat", "dog", "house", "tree", "car", "sky"]
 
 
 def write_dmd2_shards(out) -> dict[str, str]:
@@ -31,11 +32,12 @@ def write_dmd2_shards(out) -> dict[str, str]:
         return " ".join(rng.choice(WORDS, 3)).encode()
 
     write_shards(({"__key__": f"p{i:04d}", "txt": text()} for i in range(32)), f"{out}/prompts-%06d.tar")
-    write_shards(({"__key__": f"v{i:04d}", "txt": text()} for i in range(4)), f"{out}/val-prompts-%06d.tar")
+    write_shards(({"__key__": f"v{i:04d}", "txt": text()} for i in range(4)), f"{out}/val-prompts-%06d.tar",
+                 maxcount=2)  # 2 equal shards: splits over 2 ranks
     write_shards(({"__key__": f"r{i:04d}", "latent.npy": npy(rng.standard_normal((4, 8, 8)).astype(np.float32)),
                    "txt": text()} for i in range(32)), f"{out}/real-%06d.tar")
     return {"DMD2_PROMPTS": f"{out}/prompts-000000.tar", "DMD2_REAL": f"{out}/real-000000.tar",
-            "DMD2_VAL_PROMPTS": f"{out}/val-prompts-000000.tar"}
+            "DMD2_VAL_PROMPTS": f"{out}/val-prompts-{{000000..000001}}.tar"}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,8 @@ def _fit(env, monkeypatch, root, *extra: str) -> CtrlgenCLI:
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return CtrlgenCLI(args=["fit", "-c", CONFIG, f"--trainer.default_root_dir={root}",
-                            "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={root}",
+                            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+                            f"--trainer.logger.init_args.save_dir={root}",
                             "--trainer.callbacks+=ctrlgen.callbacks.RunCheckpoint", *extra])
 
 
@@ -55,29 +58,32 @@ def _snapshot(module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
+SEEN: dict[str, list] = {"k": [], "g": [], "f": []}  # filled by Recording during a fit
+
+
+class Recording(DMD2Module):
+    """Records the iterations of each update and the backward-simulation depths; keeps the initial weights."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.teacher_init = _snapshot(self.teacher)
+        self.gen_init = _snapshot(self.generator)
+        self.fake_init = _snapshot(self.guidance)
+
+    def update(self, name, loss, clip_norm=None):
+        out = super().update(name, loss, clip_norm)
+        SEEN["g" if name == "generator" else "f"].append(self.iteration)
+        return out
+
+    def train_iteration(self, batch, batch_idx):
+        super().train_iteration(batch, batch_idx)
+        SEEN["k"].append(self.last_backsim)
+
+
 def test_fit_trains_generator_and_fake_score_teacher_fixed(dmd2_env, monkeypatch, tmp_path):
-    from ctrlgen.lightning_modules.defocus.dmd2_module import DMD2Module
-
-    seen: dict[str, list] = {"k": [], "g": [], "f": []}
-
-    class Recording(DMD2Module):
-        def __init__(self, **kw):
-            super().__init__(**kw)
-            self.teacher_init = _snapshot(self.teacher)
-            self.gen_init = _snapshot(self.generator)
-            self.fake_init = _snapshot(self.guidance)
-
-        def update(self, name, loss, clip_norm=None):
-            out = super().update(name, loss, clip_norm)
-            seen["g" if name == "generator" else "f"].append(self.iteration)
-            return out
-
-        def train_iteration(self, batch, batch_idx):
-            super().train_iteration(batch, batch_idx)
-            seen["k"].append(self.last_backsim)
-
-    import tests.defocus.test_dmd2_module as me
-    me.Recording = Recording
+    seen = SEEN
+    for v in seen.values():
+        v.clear()
     cli = _fit(dmd2_env, monkeypatch, tmp_path, "--model.class_path=tests.defocus.test_dmd2_module.Recording")
     m = cli.model
     assert m.iteration == 8 and cli.trainer.global_step == 8 + 4
